@@ -1,0 +1,29 @@
+"""Validated configuration of the engine (pydantic): the same model backs CLI flags and YAML files."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_MODEL = "demo"  # the embedded demo model (see branchwise/models/demo.py)
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(
+        DEFAULT_MODEL, description="HF checkpoint folder or hub id; 'demo' is the embedded model"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer folder or id (default: the model's)")
+    served_model_name: str | None = Field(None, description="name clients use (default: the model argument)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
+    seed: int = 0
+    max_model_len: int | None = Field(None, ge=16, description="context length (default: the model's)")
+    block_size: int = Field(16, ge=1, le=256)
+    num_blocks: int | None = Field(None, ge=1, description="KV blocks (default: from gpu_memory_utilization)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    strategy: str = Field("ar", description="default decoding strategy; requests may override it")

@@ -1,0 +1,382 @@
+"""The engine and its one decode loop body, `step()` (see docs/architecture.md for the data path)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import defaultdict
+
+import torch
+
+from branchwise.config import EngineConfig
+from branchwise.engine import detokenizer
+from branchwise.engine.kv_cache import BlockManager, new_pool, pool_block_bytes
+from branchwise.engine.metrics import EngineMetrics
+from branchwise.engine.model_runner import ForwardOutput, ModelRunner
+from branchwise.engine.sampler import logprobs_of
+from branchwise.engine.scheduler import Scheduler
+from branchwise.engine.sequence import SamplingParams, Sequence, SeqUpdate, Status
+from branchwise.models import demo
+from branchwise.models.loader import kv_shape, load_model, load_tokenizer, resolve_device, resolve_dtype
+from branchwise.strategies import Plan, Strategy, Verdict, strategy_class
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 2 << 30
+
+
+class LLMEngine:
+    """Owns the model, the paged KV cache, the scheduler and the strategies; `step()` runs one forward."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_path = demo.resolve(config.model)
+        self.model_name = config.served_model_name or config.model
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+        self.model = load_model(self.model_path, self.dtype, self.device)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+
+        layers, kv_heads, head_dim = kv_shape(self.model)
+        bs = config.block_size
+        self.num_blocks = config.num_blocks or self._auto_num_blocks(
+            pool_block_bytes(layers, bs, kv_heads, head_dim, self.dtype)
+        )
+        self.blocks = BlockManager(self.num_blocks, bs)
+        pool = new_pool(layers, self.num_blocks, bs, kv_heads, head_dim, self.dtype, self.device)
+        self.blocks.pools.append(pool)
+        self.runner = ModelRunner(self.model, pool, bs, self.device)
+
+        model_len = config.max_model_len or getattr(self.model.config, "max_position_embeddings", 2048)
+        self.max_model_len = min(model_len, self.num_blocks * bs)
+        if self.max_model_len < model_len:
+            log.warning("max_model_len lowered to %d: the KV cache holds no more", self.max_model_len)
+        self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
+        self.scheduler.on_preempt = self._on_preempt
+
+        self.metrics = EngineMetrics(self.model_name)
+        self.metrics.kv_total.labels(self.model_name).set(self.num_blocks)
+        self._strategies: dict[str, Strategy] = {}
+        self._strategy_lock = threading.Lock()
+        self.strategy(config.strategy)  # fail at start-up, not at the first request
+        self._requests: dict[str, list[Sequence]] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self._updates: dict[int, SeqUpdate] = {}
+        self.num_steps = 0
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _auto_num_blocks(self, block_bytes: int) -> int:
+        c = self.config
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            hidden = self.model.config.hidden_size
+            inter = getattr(self.model.config, "intermediate_size", 4 * hidden)
+            activations = (
+                c.max_num_batched_tokens * (6 * hidden + 3 * inter) * 4 + 64 * self.vocab_size * 4 * 16
+            )
+            budget = free - (1 - c.gpu_memory_utilization) * total - activations
+        else:
+            max_len = c.max_model_len or getattr(self.model.config, "max_position_embeddings", 2048)
+            budget = min(CPU_KV_CACHE_BYTES, c.max_num_seqs * max_len * block_bytes // c.block_size)
+        num = int(budget // block_bytes)
+        if num < 1:
+            raise RuntimeError(
+                "no memory left for the KV cache; lower max_num_batched_tokens or raise "
+                "gpu_memory_utilization"
+            )
+        return num
+
+    def strategy(self, name: str) -> Strategy:
+        """The engine's instance of a strategy (created on first use); ValueError if unknown."""
+        cls = strategy_class(name)
+        with self._strategy_lock:
+            if cls.name not in self._strategies:
+                self._strategies[cls.name] = cls(self)
+            return self._strategies[cls.name]
+
+    def stop_token_ids(self, seq: Sequence) -> set[int]:
+        ids = set(seq.params.stop_token_ids)
+        return ids if seq.params.ignore_eos else ids | self.eos_token_ids
+
+    # -- requests (any thread) --------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        strategy: str | None = None,
+        strategy_params: dict | None = None,
+    ) -> None:
+        """Validate and queue a request; raises ValueError with a client-facing message."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        room = self.max_model_len - n
+        if room < 1:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens; "
+                f"the prompt has {n} tokens."
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} "
+                f"for the completion). Please reduce the length of the prompt or max_tokens."
+            )
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n must be at most max_num_seqs ({self.config.max_num_seqs})")
+        strat = self.strategy(strategy or self.config.strategy)
+        state = strat.parse_params(strategy_params or {})
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seqs = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(62)
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                index=i,
+                token_ids=list(prompt_token_ids),
+                num_prompt_tokens=n,
+                params=params,
+                strategy=strat.name,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            seq.strategy_params = state
+            detokenizer.init_offsets(seq)
+            seqs.append(seq)
+        seqs[0].forks = seqs[1:]  # n > 1: one prefill, then the siblings fork off it
+        self._requests[request_id] = seqs
+        self._inbox.put(("add", seqs[0]))
+
+    def abort_request(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or not self._inbox.empty()
+
+    def _drain_inbox(self) -> None:
+        while not self._inbox.empty():
+            kind, arg = self._inbox.get()
+            if kind == "add":
+                self.scheduler.add(arg)
+            else:
+                for seq in self._requests.get(arg, []):
+                    if not seq.finished:
+                        self._finish(seq, "abort")
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[SeqUpdate]:
+        """One scheduling decision, one target forward, verification and commit; returns what changed."""
+        self._updates = {}
+        self._drain_inbox()
+        scheduled = self.scheduler.schedule(lambda seq: self.strategy(seq.strategy).lookahead(seq))
+        if scheduled:
+            self.num_steps += 1
+            self._run(scheduled)
+        self._observe_load()
+        return list(self._updates.values())
+
+    def _run(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        decode: dict[str, list[tuple[Sequence, int]]] = defaultdict(list)
+        plans: list[Plan] = []
+        for seq, n in scheduled:
+            if seq.num_pending == 1:
+                decode[seq.strategy].append((seq, n))
+            else:
+                last = seq.num_computed + n == seq.num_tokens
+                plans.append(Plan(seq, seq.token_ids[seq.num_computed : seq.num_computed + n], int(last)))
+        for name, items in decode.items():
+            seqs = [s for s, _ in items]
+            try:
+                plans += self.strategy(name).propose(seqs, [n for _, n in items])
+            except Exception as e:  # a broken drafter fails its own sequences, not the engine
+                self._fail(seqs, e)
+        plans = [p for p in plans if not p.seq.finished]
+        if not plans:
+            return
+        try:
+            out = self.runner.forward(plans)
+        except Exception as e:
+            self._fail([p.seq for p in plans], e)
+            return
+        plans += self._fork_siblings(plans)
+        groups: dict[str, list[Plan]] = defaultdict(list)
+        for p in plans:
+            if p.num_logits:
+                groups[p.seq.strategy].append(p)
+            else:
+                p.seq.num_computed += len(p.tokens)  # a prefill chunk short of the prompt's end
+        logprob_rows: list[tuple[Sequence, int, int]] = []
+        for name, group in groups.items():
+            try:
+                verdicts = self.strategy(name).verify(group, out)
+            except Exception as e:
+                self._fail([p.seq for p in group], e)
+                continue
+            for p, v in zip(group, verdicts, strict=True):
+                self._commit(p, v, logprob_rows)
+        self._attach_logprobs(out, logprob_rows)
+
+    def _fork_siblings(self, plans: list[Plan]) -> list[Plan]:
+        """n > 1: when a prompt's prefill completes, its siblings share its blocks and sample on their own."""
+        born = []
+        for p in plans:
+            if p.seq.forks and p.num_logits and p.start + len(p.tokens) == p.seq.num_tokens:
+                for child in p.seq.forks:
+                    self.blocks.fork(p.seq, child)
+                    child.status = Status.RUNNING
+                    self.scheduler.running.append(child)
+                    born.append(Plan(child, p.tokens, p.num_logits, logits_row=p.logits_row))
+                p.seq.forks = []
+        return born
+
+    def _commit(self, plan: Plan, verdict: Verdict, logprob_rows: list) -> None:
+        """Keep the accepted K/V (compacting a tree path), append the new tokens, check stops."""
+        seq = plan.seq
+        keep = verdict.kv_keep
+        if keep != list(range(len(keep))):
+            src = self.blocks.slots(seq, plan.start, plan.start + len(plan.tokens))
+            self.blocks.move_slots(
+                torch.tensor([src[k] for k in keep], device=self.device),
+                torch.tensor(src[: len(keep)], device=self.device),
+            )
+        drafted = len(plan.tokens) - (seq.num_tokens - plan.start)
+        seq.num_computed = plan.start + len(keep)
+        if drafted > 0:
+            self._count_speculation(seq, drafted, len(verdict.tokens) - 1)
+        now = time.monotonic()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.metrics.ttft.labels(self.model_name).observe(now - seq.arrival_time)
+            if seq.index == 0:
+                self.metrics.prompt_tokens.labels(self.model_name).inc(seq.num_prompt_tokens)
+        else:
+            self.metrics.itl.labels(self.model_name).observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        for token, row in zip(verdict.tokens, verdict.logit_rows, strict=True):
+            self._append(seq, token)
+            if seq.params.logprobs is not None:
+                logprob_rows.append((seq, token, row))
+            if seq.finished:
+                break
+        if not seq.finished:
+            self.blocks.truncate(seq, seq.num_computed)
+
+    def _count_speculation(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        seq.num_draft_steps += 1
+        seq.num_drafted += drafted
+        seq.num_accepted += accepted
+        labels = (self.model_name, seq.strategy)
+        self.metrics.spec_drafts.labels(*labels).inc()
+        self.metrics.spec_draft_tokens.labels(*labels).inc(drafted)
+        self.metrics.spec_accepted.labels(*labels).inc(accepted)
+        for pos in range(accepted):
+            self.metrics.spec_accepted_per_pos.labels(*labels, str(pos)).inc()
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        self.metrics.generation_tokens.labels(self.model_name).inc()
+        update = self._update(seq)
+        update.token_ids.append(token)
+        text = detokenizer.detokenize_step(self.tokenizer, seq)
+        seq.output_text += text
+        params = seq.params
+        if token in self.stop_token_ids(seq):
+            self._finish(seq, "stop")
+        elif (at := detokenizer.find_stop(seq, len(text))) is not None:
+            seq.output_text = seq.output_text[:at]
+            self._finish(seq, "stop")
+        elif (
+            seq.num_output_tokens >= (params.max_tokens or self.max_model_len)
+            or seq.num_tokens >= self.max_model_len
+        ):
+            self._finish(seq, "length")
+        update.text += detokenizer.sendable_text(seq)
+
+    def _attach_logprobs(self, out: ForwardOutput, rows: list[tuple[Sequence, int, int]]) -> None:
+        if not rows:
+            return
+        entries = logprobs_of(
+            out.logits[torch.tensor([r for _, _, r in rows], device=out.logits.device)],
+            [t for _, t, _ in rows],
+            [s.params.logprobs for s, _, _ in rows],
+        )
+        for (seq, _, _), entry in zip(rows, entries, strict=True):
+            seq.logprobs.append(entry)
+            self._update(seq).logprobs.append(entry)
+
+    # -- endings ----------------------------------------------------------------------------------
+    def _update(self, seq: Sequence) -> SeqUpdate:
+        if seq.seq_id not in self._updates:
+            self._updates[seq.seq_id] = SeqUpdate(
+                request_id=seq.request_id,
+                index=seq.index,
+                token_ids=[],
+                text="",
+                logprobs=[],
+                finish_reason=None,
+                num_prompt_tokens=seq.num_prompt_tokens,
+                num_output_tokens=0,
+            )
+        u = self._updates[seq.seq_id]
+        u.num_output_tokens = seq.num_output_tokens
+        u.num_cached_prompt, u.num_drafted = seq.num_cached_prompt, seq.num_drafted
+        u.num_accepted, u.num_draft_steps = seq.num_accepted, seq.num_draft_steps
+        return u
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        self.blocks.free(seq)
+        seq.strategy_state = None
+        update = self._update(seq)
+        update.finish_reason, update.error = reason, error
+        update.text += detokenizer.sendable_text(seq)
+        for sibling in seq.forks:  # aborted before its prefill ended: the siblings end with it
+            self._finish(sibling, reason, error)
+        seq.forks = []
+        siblings = self._requests.get(seq.request_id, [])
+        if all(s.finished for s in siblings):
+            self._requests.pop(seq.request_id, None)
+            self.metrics.e2e.labels(self.model_name).observe(time.monotonic() - seq.arrival_time)
+            self.metrics.request_success.labels(self.model_name, reason).inc()
+
+    def _fail(self, seqs: list[Sequence], error: Exception) -> None:
+        log.exception("step failed for %d sequence(s)", len(seqs), exc_info=error)
+        for seq in seqs:
+            if not seq.finished:
+                self._finish(seq, "error", f"{type(error).__name__}: {error}")
+
+    def _on_preempt(self, seq: Sequence) -> None:
+        self.strategy(seq.strategy).on_preempt(seq)
+        self.metrics.preemptions.labels(self.model_name).inc()
+
+    def _observe_load(self) -> None:
+        m, name = self.metrics, self.model_name
+        m.running.labels(name).set(len(self.scheduler.running))
+        m.waiting.labels(name).set(len(self.scheduler.waiting))
+        m.kv_free.labels(name).set(self.blocks.num_free)
+        m.kv_usage.labels(name).set(1 - self.blocks.num_free / self.num_blocks)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        ids |= set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

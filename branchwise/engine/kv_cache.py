@@ -1,0 +1,138 @@
+"""Paged KV cache: ref-counted blocks, per-sequence block tables, fork with copy-on-write, rollback.
+
+Slot arithmetic: token i of a sequence lives in slot
+`block_table[i // block_size] * block_size + i % block_size` of every pool. All pools (target model,
+draft model, MTP module) share the block ids, so one block table addresses a sequence's K/V in each of
+them and one truncate rolls all of them back.
+
+    block_table = [7, 2, 9]      block_size = 4, num_computed = 10
+    slots        7*4+0 .. 7*4+3 | 2*4+0 .. 2*4+3 | 9*4+0, 9*4+1 | (9*4+2, 9*4+3 free for the next tokens)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from branchwise.engine.sequence import Sequence
+
+
+def new_pool(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """One model's K/V storage: (layers, 2, blocks, block_size, kv_heads, head_dim)."""
+    return torch.zeros(
+        num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
+    )
+
+
+def pool_block_bytes(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+class BlockManager:
+    """Allocates block ids with reference counts and keeps every sequence's block table."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.pools: list[torch.Tensor] = []
+        # Set by the prefix cache: frees up to n unreferenced cached blocks, returns how many it freed.
+        self.evict: Callable[[int], int] | None = None
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks)
+
+    def num_evictable(self) -> int:
+        return 0 if self.evict is None else self.evict(0)
+
+    # -- block ids --------------------------------------------------------------------------------
+    def _take(self) -> int:
+        if not self.free_blocks and self.evict is not None:
+            self.evict(1)
+        block = self.free_blocks.popleft()
+        self.ref_counts[block] = 1
+        return block
+
+    def incref(self, block: int) -> None:
+        self.ref_counts[block] += 1
+
+    def decref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+        if self.ref_counts[block] == 0:
+            self.free_blocks.append(block)
+
+    # -- sequences --------------------------------------------------------------------------------
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks needed so that slots [num_computed, num_tokens) are writable by `seq` alone."""
+        have = len(seq.block_table)
+        need = max(0, -(-num_tokens // self.block_size) - have)
+        first = seq.num_computed // self.block_size
+        if first < have and num_tokens > seq.num_computed and self.ref_counts[seq.block_table[first]] > 1:
+            need += 1  # copy-on-write of a shared, partly filled block
+        return need
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.blocks_needed(seq, num_tokens)
+        if need <= self.num_free:
+            return True
+        return self.evict is not None and need <= self.num_free + self.evict(0)
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Make slots [num_computed, num_tokens) writable; call can_allocate first."""
+        table = seq.block_table
+        first = seq.num_computed // self.block_size
+        if first < len(table) and num_tokens > seq.num_computed and self.ref_counts[table[first]] > 1:
+            shared = table[first]
+            table[first] = self._take()
+            self.copy_block(shared, table[first])
+            self.decref(shared)
+        while len(table) * self.block_size < num_tokens:
+            table.append(self._take())
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Roll back: keep only the blocks that hold the first num_tokens slots."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            self.decref(seq.block_table.pop())
+
+    def free(self, seq: Sequence) -> None:
+        for block in seq.block_table:
+            self.decref(block)
+        seq.block_table = []
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child shares every block of the parent; the first write into a shared block copies it."""
+        for block in parent.block_table:
+            self.incref(block)
+        child.block_table = list(parent.block_table)
+        child.num_computed = parent.num_computed
+
+    # -- data movement in every pool ---------------------------------------------------------------
+    def copy_block(self, src: int, dst: int) -> None:
+        for pool in self.pools:
+            pool[:, :, dst].copy_(pool[:, :, src])
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the K/V of slots `src` into slots `dst` in every pool (tree-path compaction)."""
+        for pool in self.pools:
+            flat = pool.view(pool.shape[0], 2, -1, *pool.shape[4:])
+            flat[:, :, dst] = flat[:, :, src]
+
+    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[i // bs] * bs + i % bs for i in range(start, end)]

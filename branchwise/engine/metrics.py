@@ -1,0 +1,90 @@
+"""Prometheus metrics of one engine, named as vLLM's dashboards know them (with our `branchwise:` prefix)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+
+
+class EngineMetrics:
+    """One registry per engine, so several engines (tests, benchmarks) can live in one process."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = r = CollectorRegistry()
+        m = ["model_name"]
+        s = ["model_name", "strategy"]
+        self.running = Gauge("branchwise:num_requests_running", "Sequences running this step", m, registry=r)
+        self.waiting = Gauge("branchwise:num_requests_waiting", "Sequences waiting to run", m, registry=r)
+        self.kv_usage = Gauge(
+            "branchwise:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)", m, registry=r
+        )
+        self.kv_free = Gauge("branchwise:kv_cache_free_blocks", "Free KV blocks", m, registry=r)
+        self.kv_total = Gauge("branchwise:kv_cache_total_blocks", "Total KV blocks", m, registry=r)
+        self.prompt_tokens = Counter("branchwise:prompt_tokens", "Prompt tokens processed", m, registry=r)
+        self.generation_tokens = Counter("branchwise:generation_tokens", "Tokens generated", m, registry=r)
+        self.preemptions = Counter("branchwise:num_preemptions", "Sequences preempted", m, registry=r)
+        self.request_success = Counter(
+            "branchwise:request_success", "Finished requests", m + ["finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "branchwise:time_to_first_token_seconds",
+            "Time to first token",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "branchwise:inter_token_latency_seconds",
+            "Time between a sequence's token chunks",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "branchwise:e2e_request_latency_seconds",
+            "Request latency end to end",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.spec_drafts = Counter("branchwise:spec_decode_num_drafts", "Draft steps", s, registry=r)
+        self.spec_draft_tokens = Counter(
+            "branchwise:spec_decode_num_draft_tokens", "Drafted tokens", s, registry=r
+        )
+        self.spec_accepted = Counter(
+            "branchwise:spec_decode_num_accepted_tokens", "Accepted drafted tokens", s, registry=r
+        )
+        self.spec_accepted_per_pos = Counter(
+            "branchwise:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted drafted tokens by draft position",
+            s + ["position"],
+            registry=r,
+        )
+        self.prefix_queries = Counter(
+            "branchwise:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", m, registry=r
+        )
+        self.prefix_hits = Counter(
+            "branchwise:prefix_cache_hits", "Prompt tokens found in the prefix cache", m, registry=r
+        )
+        self.model_name = model_name

@@ -1,0 +1,180 @@
+"""Sampling and speculative verification: one rule for every chain of drafted tokens.
+
+Autoregressive decoding is the zero-draft case of `verify_chains`. With drafts, acceptance follows
+speculative sampling (Leviathan et al.; Chen et al.): accept draft x with probability min(1, p(x)/q(x)),
+on the first rejection sample from norm(max(0, p - q)), and after K acceptances sample a bonus token from
+p. A deterministic drafter (n-gram, greedy heads) has q = one-hot; greedy rows have p = one-hot of the
+argmax, which makes the rule "accept while the draft equals the target's argmax".
+
+Random numbers come from each sequence's own CPU generator, so a seeded sequence draws the same numbers
+whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from branchwise.engine.sequence import Sequence
+
+
+def _param(seqs: Seq[Sequence], name: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor([getattr(s.params, name) for s in seqs], dtype=torch.float32, device=device)
+
+
+def apply_penalties(
+    logits: torch.Tensor, seqs: Seq[Sequence], drafts: torch.Tensor, stop_ids: Seq[set[int]]
+) -> torch.Tensor:
+    """Presence/frequency/repetition penalties and min_tokens over (B, P, V) logits.
+
+    Row p of sequence b comes after the sequence's output tokens plus drafts[b, :p], so those drafts
+    count as generated tokens there, exactly as they would have in autoregressive decoding.
+    """
+    B, P, V = logits.shape
+    device = logits.device
+    if any(s.params.has_penalties for s in seqs):
+        counts = torch.zeros(B, P, V, device=device)
+        prompt_seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+        for b, s in enumerate(seqs):
+            if s.params.has_penalties:
+                out = torch.tensor(s.output_token_ids, dtype=torch.long, device=device)
+                counts[b] += torch.bincount(out, minlength=V)[:V].float()
+                prompt_seen[b, torch.tensor(s.token_ids[: s.num_prompt_tokens], device=device)] = True
+        for j in range(P - 1):  # drafts[:, j] precedes rows j+1..P-1
+            idx = drafts[:, j].view(B, 1, 1).expand(B, P - 1 - j, 1)
+            counts[:, j + 1 :].scatter_add_(-1, idx, torch.ones(B, P - 1 - j, 1, device=device))
+        freq = _param(seqs, "frequency_penalty", device).view(B, 1, 1)
+        pres = _param(seqs, "presence_penalty", device).view(B, 1, 1)
+        rep = _param(seqs, "repetition_penalty", device).view(B, 1, 1)
+        seen = (counts > 0) | prompt_seen[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        logits = logits - freq * counts - pres * (counts > 0).float()
+    for b, s in enumerate(seqs):
+        short = s.params.min_tokens - s.num_output_tokens  # rows p < short may not stop
+        if short > 0 and stop_ids[b]:
+            logits[b, :short, torch.tensor(sorted(stop_ids[b]), device=device)] = float("-inf")
+    return logits
+
+
+def target_probs(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+    """(B, P, V) processed logits -> the distribution each row samples from (one-hot argmax if greedy)."""
+    B, P, V = logits.shape
+    device = logits.device
+    greedy = torch.tensor([s.params.greedy for s in seqs], device=device).view(B, 1, 1)
+    temp = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device).view(B, 1, 1)
+    x = logits / temp
+    top_k = torch.tensor([s.params.top_k or V for s in seqs], device=device).view(B, 1, 1)
+    top_p = _param(seqs, "top_p", device).view(B, 1, 1)
+    if any(s.params.top_k or s.params.top_p < 1 for s in seqs if not s.params.greedy):
+        sorted_x, order = x.sort(-1, descending=True)
+        sorted_p = sorted_x.softmax(-1)
+        rank = torch.arange(V, device=device)
+        drop = (rank >= top_k) | ((sorted_p.cumsum(-1) - sorted_p) >= top_p)
+        drop[..., 0] = False
+        x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    probs = x.softmax(-1)
+    min_p = _param(seqs, "min_p", device).view(B, 1, 1)
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    argmax = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy, argmax, probs)
+
+
+def _uniforms(seqs: Seq[Sequence], num_drafts: Seq[int], width: int) -> torch.Tensor:
+    """(B, width) uniforms: K_b for the acceptance tests and one to sample with, from each sampling
+    sequence's own generator; 0.5 for greedy rows (their distributions are one-hot)."""
+    u = torch.full((len(seqs), width), 0.5)
+    for b, (s, k) in enumerate(zip(seqs, num_drafts, strict=True)):
+        if not s.params.greedy:
+            u[b, : k + 1] = torch.rand(k + 1, generator=s.generator)
+    return u
+
+
+def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: (B, V) probabilities (unnormalised is fine), (B,) uniforms in [0, 1)."""
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    return idx[:, 0].clamp(max=probs.shape[-1] - 1)
+
+
+def verify_chains(
+    logits: torch.Tensor,
+    seqs: Seq[Sequence],
+    first_rows: Seq[int],
+    drafts: Seq[Seq[int]],
+    stop_ids: Seq[set[int]],
+    draft_probs: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+) -> tuple[list[int], list[int]]:
+    """Accept a prefix of each sequence's drafted chain and sample the token after it.
+
+    logits: (R, V); sequence b's K_b + 1 rows start at first_rows[b] (row k scores the token after draft k).
+    draft_probs: (B, K, V) drafter distributions, or None for a deterministic drafter.
+    allowed: (B, K + 1, V) bool grammar masks per row, or None.
+    Returns (num_accepted, next_token) per sequence.
+    """
+    B = len(seqs)
+    device = logits.device
+    k_s = [len(d) for d in drafts]
+    K = max(k_s, default=0)
+    k_t = torch.tensor(k_s, device=device)
+    pos = torch.arange(K + 1, device=device)
+    rows = torch.tensor(list(first_rows), device=device)[:, None] + torch.minimum(pos[None], k_t[:, None])
+    draft_t = torch.zeros(B, max(K, 1), dtype=torch.long, device=device)
+    for b, d in enumerate(drafts):
+        if d:
+            draft_t[b, : len(d)] = torch.tensor(d, device=device)
+    x = logits[rows]  # (B, K+1, V)
+    if any(s.params.has_penalties or s.params.min_tokens for s in seqs):
+        x = apply_penalties(x, seqs, draft_t, stop_ids)
+    if allowed is not None:
+        x = x.masked_fill(~allowed, float("-inf"))
+    if all(s.params.greedy for s in seqs):  # p is one-hot: accept while the draft is the argmax
+        best = x.argmax(-1)  # (B, K+1)
+        accept = (draft_t[:, :K] == best[:, :K]) & (pos[None, :K] < k_t[:, None])
+        num_acc = accept.int().cumprod(1).sum(1)
+        return num_acc.tolist(), best.gather(1, num_acc[:, None])[:, 0].tolist()
+    p = target_probs(x, seqs)
+    u = _uniforms(seqs, k_s, K + 1).to(device)
+    if K:
+        p_d = p[:, :K].gather(-1, draft_t[:, :K, None])[..., 0]  # (B, K)
+        q_d = 1.0 if draft_probs is None else draft_probs.gather(-1, draft_t[:, :K, None])[..., 0]
+        accept = (u[:, :K] * q_d < p_d) & (pos[None, :K] < k_t[:, None])
+        num_acc = accept.int().cumprod(1).sum(1)
+    else:
+        num_acc = torch.zeros(B, dtype=torch.long, device=device)
+    final = p[torch.arange(B, device=device), num_acc]  # (B, V)
+    rejected = num_acc < k_t
+    if bool(rejected.any()):
+        at = num_acc.clamp(max=max(K - 1, 0))
+        if draft_probs is None:
+            q = torch.zeros_like(final).scatter_(
+                -1, draft_t[torch.arange(B, device=device), at][:, None], 1.0
+            )
+        else:
+            q = draft_probs[torch.arange(B, device=device), at]
+        residual = (final - q).clamp(min=0)
+        usable = rejected & (residual.sum(-1) > 0)
+        final = torch.where(usable[:, None], residual, final)
+    # the last of each sequence's K_b + 1 uniforms: never one that an acceptance test already used
+    next_tok = sample_from(final, u[torch.arange(B, device=device), k_t])
+    return num_acc.tolist(), next_tok.tolist()
+
+
+def logprobs_of(logits: torch.Tensor, tokens: Seq[int], top: Seq[int]) -> list[dict]:
+    """The model's own log-probabilities (log_softmax of raw logits) of each row's chosen token and top-k."""
+    lp = torch.log_softmax(logits.float(), -1)
+    chosen = lp.gather(-1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()
+    k = max(top, default=0)
+    top_vals, top_ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    return [
+        {
+            "token_id": t,
+            "logprob": c,
+            "top": list(zip(top_ids[r][: top[r]], top_vals[r][: top[r]], strict=True)),
+        }
+        for r, (t, c) in enumerate(zip(tokens, chosen, strict=True))
+    ]

@@ -1,0 +1,164 @@
+"""Requests' sequences, their sampling parameters and the per-step outputs the engine emits."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """What a client may ask of one completion (vLLM's names and defaults)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the top k
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k < 0:
+            self.top_k = 0
+        checks = [
+            (self.n >= 1, "n must be at least 1"),
+            (self.temperature >= 0, "temperature must be non-negative"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.min_tokens >= 0, "min_tokens must be non-negative"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (all(s for s in self.stop), "stop strings must be non-empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One completion: its tokens, how many of them have K/V in the cache, and its block table."""
+
+    seq_id: int
+    request_id: str
+    index: int  # choice index within its request (n > 1)
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    strategy: str
+    generator: torch.Generator
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V is in the cache; tokens[num_computed:] are fed next
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    forks: list[Sequence] = field(default_factory=list)  # n > 1: siblings born when the prefill ends
+    strategy_params: dict = field(default_factory=dict)  # the request's, as the strategy parsed them
+    strategy_state: Any = None  # owned by the sequence's strategy; reset on preemption
+    # detokenisation
+    output_text: str = ""
+    num_text_sent: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+    # accounting
+    logprobs: list[dict] = field(default_factory=list)
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_draft_steps: int = 0
+    num_cached_prompt: int = 0  # prompt tokens served from the prefix cache
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the cache; 1 means the sequence is ready to decode."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass
+class SeqUpdate:
+    """What one step added to one sequence: the unit the engine streams out."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_prompt: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_draft_steps: int = 0
+    error: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A finished (or, while streaming, partial) request as the offline API returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    usage: dict = field(default_factory=dict)

@@ -1,0 +1,139 @@
+"""PyTorch references of the attention kernels: exact, any device, and the twins the Triton kernels match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from branchwise.kernels.metadata import AttentionMetadata
+
+SHORT_QUERY = 32  # sequences with at most this many new tokens are padded into one batched attention
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write each new token's K/V (T, Hkv, D) into its slot of the caches (blocks, block_size, Hkv, D)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+@dataclass
+class _Group:
+    """Sequences whose queries are padded to one (G, Q) batch, with keys gathered to (G, S)."""
+
+    q_index: torch.Tensor  # (G, Q) token index of each padded query
+    kv_slots: torch.Tensor  # (G, S) cache slot of each key
+    valid: torch.Tensor  # (n,) flat indices into G*Q of real queries, in token order
+    token_index: torch.Tensor  # (n,) their token indices
+    mask: torch.Tensor  # (G, 1, Q, S) bool: query may see key
+    query_pos: torch.Tensor  # (G, Q, 1)
+    key_pos: torch.Tensor  # (G, 1, S)
+    windowed: dict = field(default_factory=dict)
+
+    def mask_for(self, sliding_window: int | None) -> torch.Tensor:
+        if not sliding_window:
+            return self.mask
+        if sliding_window not in self.windowed:
+            # real rows always keep their own key; padded rows may go empty (NaN), and are discarded
+            inside = (self.query_pos - self.key_pos) < sliding_window
+            self.windowed[sliding_window] = self.mask & inside[:, None]
+        return self.windowed[sliding_window]
+
+
+def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _Group:
+    qs, lens, offs = meta.query_start_host, meta.seq_lens_host, meta.mask_offsets_host
+    q_lens = [qs[b + 1] - qs[b] for b in seqs]
+    Q, S, G = max(q_lens), max(lens[b] for b in seqs), len(seqs)
+    sel = torch.tensor(seqs, device=device)
+    q_len = torch.tensor(q_lens, device=device)[:, None]  # (G, 1)
+    start = meta.query_start[sel].long()[:, None]
+    seq_len = meta.seq_lens[sel].long()[:, None]
+    i = torch.arange(Q, device=device)[None, :]  # (1, Q)
+    real = i < q_len  # (G, Q)
+    q_index = start + torch.minimum(i, q_len - 1)
+    j = torch.arange(S, device=device)
+    bs = meta.block_size
+    tables = meta.block_tables[sel].long()
+    kv_slots = tables[:, (j // bs).clamp(max=tables.shape[1] - 1)] * bs + j % bs  # (G, S)
+
+    if Q == 1:  # decode: each query sees all of its sequence's keys, itself last
+        mask = (j[None, :] < seq_len)[:, None, None]  # (G, 1, 1, S)
+        key_pos = j[None, None, :].expand(G, 1, S)
+        return _Group(
+            q_index=q_index,
+            kv_slots=kv_slots,
+            valid=torch.arange(G, device=device),
+            token_index=q_index[:, 0],
+            mask=mask,
+            query_pos=meta.positions[q_index][:, :, None],
+            key_pos=key_pos,
+        )
+    cached = (seq_len - q_len)[:, :, None]  # (G, 1, 1)
+    rel = j[None, None, :] - cached  # key index among the new tokens
+    qi = i[:, :, None]
+    mask = (rel < 0) | ((rel <= qi) & (j[None, None, :] < seq_len[:, :, None]))  # causal
+    for g, b in enumerate(seqs):
+        if offs[b] >= 0:
+            n, c = q_lens[g], lens[b] - q_lens[g]
+            custom = meta.custom_mask[offs[b] : offs[b] + n * n].view(n, n)
+            mask[g, :n, c : c + n] = custom
+    mask &= real[:, :, None]
+    mask[:, :, 0] |= ~real  # padded rows see key 0 only
+
+    query_pos = meta.positions[q_index]  # (G, Q)
+    key_pos = j[None, :].expand(G, S).clone()
+    new = (rel[:, 0, :] >= 0) & (rel[:, 0, :] < q_len)  # (G, S) keys written this step
+    new_idx = (start + rel[:, 0, :].clamp(min=0)).clamp(max=meta.positions.shape[0] - 1)
+    key_pos = torch.where(new, meta.positions[new_idx], key_pos)
+    flat = (torch.arange(G, device=device)[:, None] * Q + i).masked_select(real)
+    return _Group(
+        q_index=q_index,
+        kv_slots=kv_slots,
+        valid=flat,
+        token_index=q_index.masked_select(real),
+        mask=mask[:, None],
+        query_pos=query_pos[:, :, None],
+        key_pos=key_pos[:, None, :],
+    )
+
+
+def _groups(meta: AttentionMetadata, device: torch.device) -> list[_Group]:
+    if "reference" not in meta.cache:
+        qs = meta.query_start_host
+        short = [b for b in range(meta.num_seqs) if qs[b + 1] - qs[b] <= SHORT_QUERY]
+        long = [b for b in range(meta.num_seqs) if qs[b + 1] - qs[b] > SHORT_QUERY]
+        meta.cache["reference"] = [
+            _group(meta, seqs, device) for seqs in ([short] if short else []) + [[b] for b in long]
+        ]
+    return meta.cache["reference"]
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention of new tokens (T, Hq, D) over their sequences' cached + new K/V; returns (T, Hq, D)."""
+    T, Hq, D = query.shape
+    keys = k_cache.view(-1, *k_cache.shape[2:])  # (slots, Hkv, D)
+    values = v_cache.view(-1, *v_cache.shape[2:])
+    out = query.new_empty(T, Hq, D)
+    for g in _groups(meta, query.device):
+        q = query[g.q_index].transpose(1, 2)  # (G, Hq, Q, D)
+        k = keys[g.kv_slots].transpose(1, 2).to(q.dtype)  # (G, Hkv, S, D)
+        v = values[g.kv_slots].transpose(1, 2).to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=g.mask_for(sliding_window), scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        out[g.token_index] = o.transpose(1, 2).reshape(-1, Hq, D)[g.valid]
+    return out

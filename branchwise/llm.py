@@ -1,0 +1,91 @@
+"""The offline Python API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+from tqdm import tqdm
+
+from branchwise.config import EngineConfig
+from branchwise.engine.engine import LLMEngine
+from branchwise.engine.sequence import CompletionOutput, RequestOutput, SamplingParams, SeqUpdate
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Runs the engine in the calling thread until every request given to it has finished."""
+
+    def __init__(self, model: str = "demo", **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        return prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        strategy: str | None = None,
+        strategy_params: dict | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Complete every prompt; results come back in the prompts' order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, params, strict=True):
+            rid = str(next(self._ids))
+            ids = self.encode(prompt)
+            self.engine.add_request(rid, ids, p, strategy, strategy_params)
+            results[rid] = RequestOutput(rid, ids, [CompletionOutput(i) for i in range(p.n)])
+            order.append(rid)
+        bar = tqdm(total=len(order), disable=not use_tqdm, desc="generate")
+        for update in self._run():
+            out = results[update.request_id]
+            _merge(out, update)
+            if all(c.finish_reason for c in out.outputs):
+                out.finished = True
+                bar.update(1)
+        bar.close()
+        return [results[r] for r in order]
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, strategy: str | None = None
+    ) -> Iterator[SeqUpdate]:
+        """Yield each step's update of one request as it is generated."""
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, self.encode(prompt), params or SamplingParams(), strategy)
+        for update in self._run():
+            if update.request_id == rid:
+                yield update
+
+    def _run(self) -> Iterator[SeqUpdate]:
+        while self.engine.has_unfinished():
+            yield from self.engine.step()
+
+
+def _merge(out: RequestOutput, u: SeqUpdate) -> None:
+    c = out.outputs[u.index]
+    c.text += u.text
+    c.token_ids += u.token_ids
+    if u.logprobs:
+        c.logprobs = (c.logprobs or []) + u.logprobs
+    c.finish_reason = u.finish_reason or c.finish_reason
+    out.usage = {
+        "prompt_tokens": u.num_prompt_tokens,
+        "completion_tokens": sum(len(x.token_ids) for x in out.outputs),
+        "cached_prompt_tokens": u.num_cached_prompt,
+    }
+    if u.error:
+        out.usage["error"] = u.error

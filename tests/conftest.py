@@ -1,0 +1,60 @@
+"""Tiny checkpoints built offline once per session (random weights + a BPE tokenizer trained on stdlib)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from branchwise.train.tiny import build_tiny_checkpoint
+from branchwise.train.tokenizer import stdlib_files, train_tokenizer
+
+CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer((p.read_text(errors="ignore") for p in stdlib_files(40)), 512)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer) -> str:
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("llama"), "llama", tokenizer=tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tokenizer) -> str:
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", tokenizer=tokenizer, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory, tokenizer) -> str:
+    return str(
+        build_tiny_checkpoint(
+            tmp_path_factory.mktemp("qwen3"), "qwen3", tokenizer=tokenizer, seed=2, head_dim=16
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_sliding(tmp_path_factory, tokenizer) -> str:
+    return str(
+        build_tiny_checkpoint(
+            tmp_path_factory.mktemp("mistral"), "mistral", tokenizer=tokenizer, seed=3, sliding_window=12
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def prompts(tokenizer) -> list[list[int]]:
+    """16 prompts of mixed lengths (3..90 tokens) cut from stdlib source."""
+    text = stdlib_files(60)[45].read_text()
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    lengths = [3, 90, 17, 5, 64, 33, 8, 71, 12, 50, 4, 27, 81, 9, 40, 21]
+    return [ids[i * 37 : i * 37 + n] for i, n in enumerate(lengths)]

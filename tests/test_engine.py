@@ -1,0 +1,167 @@
+"""The engine trunk: equality with transformers, batch invariance, sampling, stops, n > 1, preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from branchwise import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def hf_greedy(path: str, prompt: list[int], max_new: int) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    out = model.generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral_sliding"])
+def test_greedy_equals_transformers_generate(arch, request, prompts):
+    path = request.getfixturevalue(arch)
+    llm = LLM(path, max_num_batched_tokens=32)
+    chosen = [prompts[1], prompts[3], prompts[12]]  # 90, 5 and 81 tokens: past the sliding window of 12
+    outs = llm.generate(chosen, GREEDY)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for prompt, out in zip(chosen, outs, strict=True):
+        ref = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=24, eos_token_id=None, pad_token_id=0
+        )
+        assert out.outputs[0].token_ids == ref[0, len(prompt) :].tolist()
+
+
+def test_greedy_is_batch_invariant_with_chunked_prefill(tiny_llama, prompts):
+    llm = LLM(tiny_llama, max_num_batched_tokens=48)  # the 90- and 81-token prompts need several chunks
+    alone = [llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    assert batched == alone
+    assert all(len(t) == 24 for t in batched)
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(tiny_llama, prompts):
+    llm = LLM(tiny_llama)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = llm.generate(prompts[2], params)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.8, max_tokens=30, ignore_eos=True)
+    mixed = llm.generate([prompts[0], prompts[2], prompts[5]], [others, params, others])
+    assert mixed[1].outputs[0].token_ids == alone
+    unseeded = llm.generate([prompts[2]] * 4, SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True))
+    assert len({tuple(o.outputs[0].token_ids) for o in unseeded}) > 1  # without a seed, samples differ
+
+
+def test_stop_string_ends_output_without_leaking_it(tiny_llama, prompts):
+    llm = LLM(tiny_llama)
+    full = llm.generate(prompts[4], GREEDY)[0].outputs[0]
+    stop = full.text[10:13]
+    assert len(stop) == 3 and stop not in full.text[:10]
+    out = llm.generate(prompts[4], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))
+    c = out[0].outputs[0]
+    assert c.finish_reason == "stop"
+    assert c.text == full.text[: full.text.index(stop)]
+    kept = llm.generate(
+        prompts[4],
+        SamplingParams(
+            temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True
+        ),
+    )[0].outputs[0]
+    assert kept.text == full.text[: full.text.index(stop) + 3]
+
+
+def test_stop_token_ids_and_max_tokens_finish_reasons(tiny_llama, prompts):
+    llm = LLM(tiny_llama)
+    full = llm.generate(prompts[6], GREEDY)[0].outputs[0]
+    stop_id = full.token_ids[5]
+    out = llm.generate(
+        prompts[6], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[stop_id])
+    )[0].outputs[0]
+    assert out.token_ids == full.token_ids[: full.token_ids.index(stop_id) + 1]
+    assert out.finish_reason == "stop"
+    assert full.finish_reason == "length" and len(full.token_ids) == 24
+
+
+def test_n_samples_fork_one_prefill_and_each_follows_its_own_seed(tiny_llama, prompts):
+    llm = LLM(tiny_llama)
+    steps = llm.engine.num_steps
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    out = llm.generate(prompts[1], params)[0]
+    # one prefill step for the 90-token prompt, then 11 decode steps shared by the three samples
+    assert llm.engine.num_steps - steps == 12
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    for i, c in enumerate(out.outputs):
+        single = llm.generate(
+            prompts[1], SamplingParams(temperature=1.0, seed=7 + i, max_tokens=12, ignore_eos=True)
+        )
+        assert c.token_ids == single[0].outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    assert llm.engine.blocks.num_free == llm.engine.num_blocks
+
+
+def test_logprobs_match_log_softmax_of_the_model_logits(tiny_qwen2, prompts):
+    llm = LLM(tiny_qwen2)
+    params = SamplingParams(temperature=0.7, seed=3, max_tokens=10, logprobs=5, ignore_eos=True)
+    c = llm.generate(prompts[5], params)[0].outputs[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    ids = torch.tensor([prompts[5] + c.token_ids])
+    ref = torch.log_softmax(model(ids).logits[0].float(), -1)[len(prompts[5]) - 1 : -1]
+    assert len(c.logprobs) == 10
+    for row, entry, token in zip(ref, c.logprobs, c.token_ids, strict=True):
+        assert entry["token_id"] == token
+        assert entry["logprob"] == pytest.approx(row[token].item(), abs=1e-4)
+        top_ids = [t for t, _ in entry["top"]]
+        assert top_ids == row.topk(5).indices.tolist()
+
+
+def test_preemption_under_a_small_kv_pool_keeps_every_output(tiny_llama, prompts):
+    alone_llm = LLM(tiny_llama)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    alone = [alone_llm.generate(p, params)[0].outputs[0].token_ids for p in prompts[:8]]
+    # 24 blocks of 8 slots: room for about two of these sequences at once
+    small = LLM(tiny_llama, num_blocks=24, block_size=8, max_num_batched_tokens=64)
+    batched = [o.outputs[0].token_ids for o in small.generate(prompts[:8], params)]
+    assert small.engine.scheduler.num_preemptions > 0
+    assert batched == alone
+    assert small.engine.blocks.num_free == 24
+
+
+def test_every_block_returns_after_finish_and_abort(tiny_llama, prompts):
+    llm = LLM(tiny_llama, max_num_batched_tokens=32)
+    engine = llm.engine
+    for i, p in enumerate(prompts):
+        engine.add_request(
+            str(i), p, SamplingParams(n=1 + i % 3, temperature=1.0, max_tokens=30, ignore_eos=True)
+        )
+    for _ in range(3):
+        engine.step()
+    assert engine.blocks.num_free < engine.num_blocks
+    for i in range(0, 16, 2):
+        engine.abort_request(str(i))  # some mid-prefill, some mid-decode, some with unforked siblings
+    reasons = {}
+    while engine.has_unfinished():
+        for u in engine.step():
+            if u.finish_reason:
+                reasons[(u.request_id, u.index)] = u.finish_reason
+    assert {r for (rid, _), r in reasons.items() if int(rid) % 2 == 0} == {"abort"}
+    assert {r for (rid, _), r in reasons.items() if int(rid) % 2 == 1} == {"length"}
+    assert engine.blocks.num_free == engine.num_blocks
+    assert all(c == 0 for c in engine.blocks.ref_counts)
+
+
+def test_request_validation_rejects_bad_input(tiny_llama):
+    llm = LLM(tiny_llama, max_model_len=64)
+    engine = llm.engine
+    with pytest.raises(ValueError, match="maximum context length"):
+        engine.add_request("a", list(range(60)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="maximum context length"):
+        engine.add_request("b", list(range(64)), SamplingParams(max_tokens=None))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("c", [], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("d", [10**6], SamplingParams())
+    with pytest.raises(ValueError, match="unknown strategy"):
+        engine.add_request("e", [1, 2], SamplingParams(), strategy="nope")
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
+    assert not engine.has_unfinished()
