@@ -6,30 +6,42 @@ import argparse
 import logging
 import sys
 
-from branchwise.config import EngineConfig
+from pydantic import BaseModel, ValidationError
+
+from branchwise.config import EngineConfig, ServerConfig, load_yaml
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field (`--max-num-seqs`, ...); unset flags keep the config's value."""
-    for name, field in EngineConfig.model_fields.items():
+def add_config_args(parser: argparse.ArgumentParser, config: type[BaseModel]) -> None:
+    """One flag per config field (`--max-num-seqs`, ...); unset flags keep the file's or default value."""
+    for name, field in config.model_fields.items():
         if name == "model":
             continue
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
+        if kind in (bool, bool | None):
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description
+            )
+            continue
         typ = int if kind in (int, int | None) else float if kind in (float, float | None) else str
         parser.add_argument(flag, dest=name, type=typ, default=None, help=field.description)
 
 
-def engine_config(args: argparse.Namespace, base: dict | None = None) -> EngineConfig:
+def build_config(args: argparse.Namespace, config: type[BaseModel], base: dict | None = None):
+    """The validated config: file values, overridden by the flags given; exits with a clear message."""
     values = dict(base or {})
-    values.update({k: v for k, v in vars(args).items() if k in EngineConfig.model_fields and v is not None})
-    return EngineConfig(**values)
+    values.update({k: v for k, v in vars(args).items() if k in config.model_fields and v is not None})
+    try:
+        return config(**values)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        sys.exit("invalid configuration:\n" + "\n".join(lines))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from branchwise import LLM, SamplingParams
 
-    config = engine_config(args)
+    config = build_config(args, EngineConfig)
     llm = LLM(**config.model_dump())
     prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed_sampling)
@@ -41,8 +53,58 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from branchwise.server.app import create_app
+
+    base = {}
+    if args.config:
+        try:
+            base = load_yaml(args.config)
+        except (OSError, ValueError) as e:
+            sys.exit(f"cannot read {args.config}: {e}")
+    if args.model is not None:
+        base["model"] = args.model
+    config = build_config(args, ServerConfig, base)
+    app = create_app(config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from branchwise.bench.datasets import load_prompts
+    from branchwise.bench.online import bench_serve, format_table
+
+    prompts = load_prompts(args.dataset, args.num_prompts)
+    result = bench_serve(
+        args.base_url,
+        prompts,
+        [int(c) for c in args.concurrency.split(",")],
+        args.max_tokens,
+        args.request_rate,
+        args.model,
+        args.api_key,
+        args.seed,
+    )
+    print(format_table(result))
+    out = Path(args.out or f"benchmarks/results/serve-{time_tag()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+def time_tag() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="branchwise", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -53,8 +115,30 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--seed-sampling", type=int, default=None, help="sampling seed of this request")
-    add_engine_args(gen)
+    add_config_args(gen, EngineConfig)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    serve.add_argument("model", nargs="?", default=None, help="checkpoint folder or hub id (default: demo)")
+    serve.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_config_args(serve, ServerConfig)
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    online = bench.add_parser("serve", help="load an OpenAI-compatible server (ours or any other)")
+    online.add_argument("--base-url", default="http://127.0.0.1:8000")
+    online.add_argument("--model", default=None, help="model name to send (default: the server's first)")
+    online.add_argument("--concurrency", default="1,16,64", help="comma-separated fixed concurrency levels")
+    online.add_argument(
+        "--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second"
+    )
+    online.add_argument("--num-prompts", type=int, default=64)
+    online.add_argument("--max-tokens", type=int, default=128)
+    online.add_argument("--dataset", default=None, help="a name under benchmarks/data/ or a JSONL file")
+    online.add_argument("--api-key", default=None)
+    online.add_argument("--seed", type=int, default=0)
+    online.add_argument("--out", default=None, help="JSON results file")
+    online.set_defaults(func=cmd_bench_serve)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -27,3 +27,24 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(256, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     strategy: str = Field("ar", description="default decoding strategy; requests may override it")
+
+
+class ServerConfig(EngineConfig):
+    """`branchwise serve`: the engine's settings plus the HTTP server's (one flat YAML file)."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 routes")
+    max_queue: int = Field(1024, ge=0, description="waiting requests beyond this get 503 + Retry-After")
+    request_timeout: float | None = Field(None, gt=0, description="seconds before a request is aborted")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}

@@ -23,7 +23,7 @@ class LLM:
         self._ids = itertools.count()
 
     def encode(self, prompt: Prompt) -> list[int]:
-        return prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
+        return prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

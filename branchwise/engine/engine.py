@@ -166,6 +166,21 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests) or not self._inbox.empty()
 
+    @property
+    def num_queued(self) -> int:
+        """Requests handed in but not yet seen by the scheduler."""
+        return self._inbox.qsize()
+
+    def fail_all(self, error: str) -> list[SeqUpdate]:
+        """End every request in flight with an error (after an engine bug) and free their blocks."""
+        self._updates = {}
+        self._drain_inbox()
+        for seqs in list(self._requests.values()):
+            for seq in seqs:
+                if not seq.finished:
+                    self._finish(seq, "error", error)
+        return list(self._updates.values())
+
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():
             kind, arg = self._inbox.get()

@@ -35,16 +35,20 @@ class _Group:
     mask: torch.Tensor  # (G, 1, Q, S) bool: query may see key
     query_pos: torch.Tensor  # (G, Q, 1)
     key_pos: torch.Tensor  # (G, 1, S)
-    windowed: dict = field(default_factory=dict)
+    windowed: dict = field(default_factory=dict)  # additive masks by (sliding window, dtype)
 
-    def mask_for(self, sliding_window: int | None) -> torch.Tensor:
-        if not sliding_window:
-            return self.mask
-        if sliding_window not in self.windowed:
-            # real rows always keep their own key; padded rows may go empty (NaN), and are discarded
-            inside = (self.query_pos - self.key_pos) < sliding_window
-            self.windowed[sliding_window] = self.mask & inside[:, None]
-        return self.windowed[sliding_window]
+    def bias_for(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask (0 / -inf; SDPA is faster with it than with booleans), built once per step."""
+        key = (sliding_window or 0, dtype)
+        if key not in self.windowed:
+            mask = self.mask
+            if sliding_window:
+                # real rows always keep their own key; padded rows may go empty (NaN), and are discarded
+                mask = mask & ((self.query_pos - self.key_pos) < sliding_window)[:, None]
+            self.windowed[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, float("-inf")
+            )
+        return self.windowed[key]
 
 
 def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _Group:
@@ -125,15 +129,18 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of new tokens (T, Hq, D) over their sequences' cached + new K/V; returns (T, Hq, D)."""
     T, Hq, D = query.shape
-    keys = k_cache.view(-1, *k_cache.shape[2:])  # (slots, Hkv, D)
-    values = v_cache.view(-1, *v_cache.shape[2:])
+    Hkv = k_cache.shape[2]
+    keys = k_cache.view(-1, Hkv * D)  # (slots, Hkv * D)
+    values = v_cache.view(-1, Hkv * D)
     out = query.new_empty(T, Hq, D)
     for g in _groups(meta, query.device):
+        G, S = g.kv_slots.shape
+        slots = g.kv_slots.view(-1)
         q = query[g.q_index].transpose(1, 2)  # (G, Hq, Q, D)
-        k = keys[g.kv_slots].transpose(1, 2).to(q.dtype)  # (G, Hkv, S, D)
-        v = values[g.kv_slots].transpose(1, 2).to(q.dtype)
+        k = keys.index_select(0, slots).view(G, S, Hkv, D).transpose(1, 2).to(q.dtype)  # (G, Hkv, S, D)
+        v = values.index_select(0, slots).view(G, S, Hkv, D).transpose(1, 2).to(q.dtype)
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=g.mask_for(sliding_window), scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            q, k, v, attn_mask=g.bias_for(sliding_window, q.dtype), scale=scale, enable_gqa=Hq != Hkv
         )
         out[g.token_index] = o.transpose(1, 2).reshape(-1, Hq, D)[g.valid]
     return out

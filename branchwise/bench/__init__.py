@@ -1,0 +1,1 @@
+"""`branchwise bench`: offline strategy comparisons and online load against any OpenAI-compatible server."""

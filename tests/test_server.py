@@ -1,0 +1,323 @@
+"""The real server (uvicorn on loopback) talked to with the official `openai` client and raw httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from branchwise import LLM, SamplingParams
+from branchwise.config import ServerConfig
+from branchwise.server.app import create_app
+from branchwise.strategies import STRATEGIES, Strategy
+
+
+@contextlib.contextmanager
+def running_server(**settings):
+    """Start `branchwise serve` in-process on a free loopback port; yields (base_url, app)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ServerConfig(host="127.0.0.1", port=port, **settings)
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    with running_server(model=tiny_llama, max_num_seqs=64, max_num_batched_tokens=256) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama):
+    return LLM(tiny_llama)
+
+
+def metrics(base_url: str) -> dict[str, float]:
+    text = httpx.get(base_url + "/metrics").text
+    return {
+        s.name + str(sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def metric(base_url: str, name: str) -> float:
+    return sum(v for k, v in metrics(base_url).items() if k.startswith(name + "["))
+
+
+def wait_until_free(base_url: str, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (
+            metric(base_url, "branchwise:kv_cache_free_blocks")
+            == metric(base_url, "branchwise:kv_cache_total_blocks")
+            and metric(base_url, "branchwise:num_requests_running") == 0
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError("KV blocks were not all freed")
+
+
+GREEDY = dict(temperature=0, max_tokens=20, extra_body={"ignore_eos": True})
+
+
+def test_completions_equal_the_offline_api_streamed_or_not(client, offline, tiny_llama):
+    model = client.models.list().data[0].id
+    assert model == tiny_llama
+    want = offline.generate("def parse(", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    got = client.completions.create(model=model, prompt="def parse(", **GREEDY)
+    assert got.choices[0].text == want.outputs[0].text
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids) and got.usage.completion_tokens == 20
+    chunks = list(
+        client.completions.create(
+            model=model, prompt="def parse(", stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.outputs[0].text
+    assert chunks[-1].usage.completion_tokens == 20 and chunks[-1].choices == []
+    by_ids = client.completions.create(model=model, prompt=want.prompt_token_ids, **GREEDY)
+    assert by_ids.choices[0].text == want.outputs[0].text
+
+
+def test_chat_equals_the_offline_api_streamed_or_not(client, offline):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "list the files"}]
+    prompt = offline.chat_prompt(messages)
+    want = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[
+        0
+    ]
+    got = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=messages,
+        temperature=0,
+        max_completion_tokens=20,
+        extra_body={"ignore_eos": True},
+    )
+    assert got.choices[0].message.content == want.text and got.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model=got.model,
+        messages=messages,
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_n_logprobs_stop_and_seed(client, offline):
+    model = client.models.list().data[0].id
+    out = client.completions.create(
+        model=model,
+        prompt="import os",
+        n=2,
+        temperature=1.0,
+        seed=11,
+        max_tokens=12,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    for c in out.choices:
+        # keyed by token text, so byte tokens that each decode to "\ufffd" may share one key
+        assert len(c.logprobs.tokens) == 12 and all(1 <= len(t) <= 3 for t in c.logprobs.top_logprobs)
+        assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+    for i, c in enumerate(out.choices):  # sample i follows seed + i, as the offline API does
+        want = offline.generate(
+            "import os", SamplingParams(temperature=1.0, seed=11 + i, max_tokens=12, ignore_eos=True)
+        )[0].outputs[0]
+        assert c.text == want.text
+    full = client.completions.create(model=model, prompt="class A:", **GREEDY).choices[0].text
+    stop = full[6:9]
+    cut = client.completions.create(model=model, prompt="class A:", stop=[stop], **GREEDY).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=0,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(x.top_logprobs) == 2 for x in content)
+
+
+def test_64_streams_with_a_quarter_disconnecting_free_every_block(server, offline):
+    base_url, _ = server
+    prompts = [f"def function_{i}(x, y):" for i in range(64)]
+    expected = [
+        o.outputs[0].text
+        for o in offline.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    ]
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> str | None:
+        stream = await client.completions.create(
+            model=client.model_name,
+            prompt=prompts[i],
+            stream=True,
+            temperature=0,
+            max_tokens=24,
+            extra_body={"ignore_eos": True},
+        )
+        text, chunks = "", 0
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            chunks += 1
+            if i % 4 == 0 and chunks == 3:
+                await stream.close()  # the client goes away mid-stream
+                return None
+        return text
+
+    async def main() -> list[str | None]:
+        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+        client.model_name = (await client.models.list()).data[0].id
+        return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    before = metric(base_url, "branchwise:request_success_total")
+    results = asyncio.run(main())
+    for i, text in enumerate(results):
+        if i % 4:
+            assert text == expected[i]
+    wait_until_free(base_url)
+    ended = metric(base_url, "branchwise:request_success_total") - before
+    assert ended == 64  # every request ended: 48 by length, 16 by abort
+    aborted = sum(v for k, v in metrics(base_url).items() if "request_success_total" in k and "'abort'" in k)
+    assert aborted >= 16
+
+
+BAD = [
+    ("/v1/completions", b"{not json", "Malformed JSON"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-9"}, "does not exist"),
+    ("/v1/completions", {"prompt": list(range(200)) * 6}, "maximum context length"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, "maximum context length"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 100}, "max_num_seqs"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "strategy": "warp-drive"}, "unknown strategy"),
+    ("/v1/completions", {"prompt": "x", "strategy": {"name": "ar", "params": {"k": 3}}}, "takes no params"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
+    ("/v1/nowhere", {"prompt": "x"}, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path,body,words", BAD, ids=[b[2] for b in BAD])
+def test_bad_input_gets_a_4xx_in_openai_shape_and_the_server_keeps_serving(server, path, body, words):
+    base_url, _ = server
+    content = body if isinstance(body, bytes) else None
+    r = httpx.post(
+        base_url + path,
+        content=content,
+        json=None if content else body,
+        headers={"content-type": "application/json"},
+    )
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == r.status_code
+    assert words.lower() in (err["message"] + str(err["param"])).lower(), err
+    ok = httpx.post(base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_metrics_parse_and_counters_move(server, client):
+    base_url, _ = server
+    before = metric(base_url, "branchwise:generation_tokens_total")
+    prompt_before = metric(base_url, "branchwise:prompt_tokens_total")
+    ttft_before = metric(base_url, "branchwise:time_to_first_token_seconds_count")
+    client.completions.create(model=client.models.list().data[0].id, prompt="while True:", **GREEDY)
+    assert metric(base_url, "branchwise:generation_tokens_total") - before == 20
+    assert metric(base_url, "branchwise:prompt_tokens_total") > prompt_before
+    assert metric(base_url, "branchwise:time_to_first_token_seconds_count") == ttft_before + 1
+    names = {f.name for f in text_string_to_metric_families(httpx.get(base_url + "/metrics").text)}
+    for name in [
+        "branchwise:num_requests_running",
+        "branchwise:num_requests_waiting",
+        "branchwise:kv_cache_usage_perc",
+        "branchwise:inter_token_latency_seconds",
+        "branchwise:e2e_request_latency_seconds",
+        "branchwise:prompt_tokens",
+        "branchwise:generation_tokens",
+    ]:
+        assert name in names
+
+
+def test_api_key_guards_v1_routes_but_not_health(tiny_llama):
+    with running_server(model=tiny_llama, api_key="sesame") as (base_url, _):
+        assert httpx.get(base_url + "/health").status_code == 200
+        r = httpx.get(base_url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base_url + "/v1", api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=base_url + "/v1", api_key="sesame")
+        assert ok.completions.create(model=tiny_llama, prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_llama):
+    with running_server(model=tiny_llama, max_queue=0) as (base_url, _):
+        r = httpx.post(base_url + "/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == 503
+
+
+def test_request_timeout_aborts_and_frees_blocks(tiny_llama):
+    with running_server(model=tiny_llama, request_timeout=0.3, max_num_seqs=4) as (base_url, _):
+        r = httpx.post(
+            base_url + "/v1/completions",
+            json={"prompt": "x", "max_tokens": 1000, "ignore_eos": True, "n": 4},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        assert {c["finish_reason"] for c in r.json()["choices"]} == {"abort"}
+        wait_until_free(base_url)
+
+
+class ExplodingStrategy(Strategy):
+    name = "explode"
+
+    def propose(self, seqs, budgets):
+        raise RuntimeError("boom")
+
+
+def test_a_failure_inside_one_request_ends_only_that_request(server, client, monkeypatch):
+    base_url, _ = server
+    monkeypatch.setitem(STRATEGIES, "explode", ExplodingStrategy)
+    r = httpx.post(base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 5, "strategy": "explode"})
+    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    ok = client.completions.create(model=client.models.list().data[0].id, prompt="x", max_tokens=3)
+    assert ok.choices[0].finish_reason == "length"
+    wait_until_free(base_url)
