@@ -27,6 +27,7 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(256, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     strategy: str = Field("ar", description="default decoding strategy; requests may override it")
+    enforce_eager: bool = Field(False, description="never capture CUDA graphs")
 
 
 class ServerConfig(EngineConfig):

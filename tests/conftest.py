@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run exactly, slowly, in its interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from branchwise.train.tiny import build_tiny_checkpoint
 from branchwise.train.tokenizer import stdlib_files, train_tokenizer

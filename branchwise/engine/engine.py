@@ -59,6 +59,8 @@ class LLMEngine:
             log.warning("max_model_len lowered to %d: the KV cache holds no more", self.max_model_len)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
         self.scheduler.on_preempt = self._on_preempt
+        if not config.enforce_eager:
+            self.runner.capture_graphs(config.max_num_batched_tokens, -(-self.max_model_len // bs))
 
         self.metrics = EngineMetrics(self.model_name)
         self.metrics.kv_total.labels(self.model_name).set(self.num_blocks)

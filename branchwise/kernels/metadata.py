@@ -25,12 +25,15 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # (B, max_blocks) int32, padded with 0
     mask_offsets: torch.Tensor  # (B,) int32, -1: causal
     custom_mask: torch.Tensor  # (M,) bool, concatenated (q_len, q_len) masks
+    token_seqs: torch.Tensor  # (T,) int32: the sequence of each new token
+    token_index: torch.Tensor  # (T,) int32: 0..T-1
     block_size: int
     max_query_len: int
     max_seq_len: int
     query_start_host: list[int]
     seq_lens_host: list[int]
     mask_offsets_host: list[int]
+    graph_splits: int = 0  # > 0: a captured CUDA graph fixed the kernels' tiling (token tiles, this split-K)
     # Derived once per step and reused by every layer (e.g. the reference's gather indices and masks).
     cache: dict = field(default_factory=dict)
 
@@ -63,6 +66,9 @@ def build_metadata(
             flat.append(mask.reshape(-1).to(torch.bool).cpu())
             used += n * n
     custom = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.bool)
+    token_seqs = torch.repeat_interleave(
+        torch.arange(len(query_lens), dtype=torch.int32), torch.tensor(query_lens)
+    )
     as_tensor = lambda x, dt: torch.as_tensor(x, dtype=dt).to(device, non_blocking=True)
     return AttentionMetadata(
         slot_mapping=as_tensor(slot_mapping, torch.int64),
@@ -72,6 +78,8 @@ def build_metadata(
         block_tables=block_tables.to(device=device, dtype=torch.int32, non_blocking=True),
         mask_offsets=as_tensor(offsets, torch.int32),
         custom_mask=custom.to(device, non_blocking=True),
+        token_seqs=token_seqs.to(device, non_blocking=True),
+        token_index=torch.arange(query_start[-1], dtype=torch.int32).to(device, non_blocking=True),
         block_size=block_size,
         max_query_len=max(query_lens, default=0),
         max_seq_len=max(seq_lens, default=0),

@@ -1,0 +1,156 @@
+"""Every Triton kernel against its PyTorch twin: causal, trees, isolated paths, shared prefixes, splits.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) on small shapes; on a
+GPU (`pytest -m gpu`) natively, at real sizes, in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from branchwise.kernels import reference
+from branchwise.kernels.metadata import build_metadata
+
+triton_attention = pytest.importorskip("branchwise.kernels.triton_attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tree_mask(parents: list[int]) -> torch.Tensor:
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parents[j]
+    return mask
+
+
+def paths_mask(lengths: list[int], shared: int = 1) -> torch.Tensor:
+    """`shared` leading tokens seen by all, then isolated causal paths (Multiverse)."""
+    n = shared + sum(lengths)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[:, :shared] = True
+    mask[:shared, :shared] = torch.ones(shared, shared).tril().bool()
+    at = shared
+    for length in lengths:
+        mask[at : at + length, at : at + length] = torch.ones(length, length).tril().bool()
+        at += length
+    return mask
+
+
+def make_step(specs, bs, Hkv, D, group, dtype, num_blocks=None, seed=0):
+    """Random caches and a step: specs are (cached, q_len, mask or None, share_prefix_with or None)."""
+    g = torch.Generator().manual_seed(seed)
+    tables, positions, slots, next_block = [], [], [], 0
+    for cached, q_len, _, share in specs:
+        need = -(-(cached + q_len) // bs)
+        if share is None:
+            table = list(range(next_block, next_block + need))
+            next_block += need
+        else:  # the full blocks of another sequence's cached prefix are shared (same physical blocks)
+            base = tables[share][: cached // bs]
+            table = base + list(range(next_block, next_block + need - len(base)))
+            next_block += need - len(base)
+        tables.append(table)
+        slots += [table[i // bs] * bs + i % bs for i in range(cached, cached + q_len)]
+        positions += list(range(cached, cached + q_len))
+    num_blocks = num_blocks or next_block + 1
+    k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g).to(dtype)
+    width = max(len(t) for t in tables)
+    padded = torch.zeros(len(tables), width, dtype=torch.int32)
+    for b, t in enumerate(tables):
+        padded[b, : len(t)] = torch.tensor(t)
+    q_lens = [s[1] for s in specs]
+    meta = build_metadata(
+        slots, positions, q_lens, [s[0] + s[1] for s in specs], padded, [s[2] for s in specs], bs, DEVICE
+    )
+    T = sum(q_lens)
+    q = torch.randn(T, Hkv * group, D, generator=g).to(dtype)
+    k = torch.randn(T, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(T, Hkv, D, generator=g).to(dtype)
+    return [x.to(DEVICE) for x in (q, k, v, k_cache, v_cache)] + [meta]
+
+
+def check(specs, group, D, Hkv=2, bs=16, window=None, graph_splits=0, dtype=torch.float32, tol=2e-4):
+    q, k, v, kc, vc, meta = make_step(specs, bs, Hkv, D, group, dtype)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    reference.store_kv(k, v, kc_ref, vc_ref, meta.slot_mapping)
+    triton_attention.store_kv(k, v, kc, vc, meta.slot_mapping)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    ref = reference.paged_attention(q.float(), kc_ref.float(), vc_ref.float(), meta, D**-0.5, window)
+    meta.cache.clear()
+    meta.graph_splits = graph_splits
+    out = triton_attention.paged_attention(q, kc, vc, meta, D**-0.5, window)
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err < tol, f"relative error {err:.2e}"
+
+
+DECODE_MIX = [
+    (16, 1, None, None),  # decode exactly at a block boundary
+    (15, 1, None, None),  # decode filling a block's last slot
+    (37, 4, None, None),  # a drafted chain, causal
+    (21, 6, tree_mask([-1, 0, 0, 1, 2, 3]), None),  # a token tree
+    (32, 7, paths_mask([3, 3]), 0),  # isolated paths over a prefix shared with sequence 0
+    (0, 3, None, None),  # a fresh short prompt
+]
+PREFILL_MIX = [
+    (5, 40, None, None),  # a long prefill chunk over a short cached prefix
+    (16, 1, None, 0),
+    (9, 33, paths_mask([10, 12, 10]), None),  # a long path-isolated prefill
+    (48, 20, None, None),
+]
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_token_tiles_match_reference(group, D):
+    check(DECODE_MIX, group, D)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_tiles_match_reference(group, D):
+    check(PREFILL_MIX, group, D)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_k_over_long_contexts_matches_reference(splits):
+    specs = [(300, 1, None, None), (129, 3, None, None), (64, 1, None, 0), (0, 1, None, None)]
+    check(specs, group=4, D=64, graph_splits=splits)
+
+
+def test_sliding_window_matches_reference():
+    check([(90, 1, None, None), (70, 5, None, None)], group=2, D=64, window=24)
+    check(PREFILL_MIX, group=2, D=64, window=24)
+
+
+def test_padding_tokens_write_nothing_and_read_nothing():
+    q, k, v, kc, vc, meta = make_step([(10, 2, None, None)], 16, 2, 64, 1, torch.float32)
+    before = kc.clone()
+    meta.slot_mapping[1] = -1
+    triton_attention.store_kv(k, v, kc, vc, meta.slot_mapping)
+    assert torch.equal(kc[0, 11], before[0, 11]) and not torch.equal(kc[0, 10], before[0, 10])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_kernels_at_real_sizes_in_bf16(group, D):
+    decode = [(int(torch.randint(1, 4000, ())), 1, None, None) for _ in range(48)]
+    decode += [
+        (2000, 8, tree_mask([-1, 0, 0, 1, 1, 2, 2, 3]), None),
+        (1500, 5, None, 0),
+        (777, 12, paths_mask([5, 6]), 1),
+    ]
+    check(decode, group, D, Hkv=8, dtype=torch.bfloat16, tol=1e-2)
+    prefill = [
+        (0, 1024, None, None),
+        (512, 700, None, None),
+        (3000, 1, None, 0),
+        (100, 300, paths_mask([100, 99, 100]), None),
+    ]
+    check(prefill, group, D, Hkv=8, dtype=torch.bfloat16, tol=1e-2)
