@@ -18,24 +18,27 @@ def greedy(llm: LLM, prompts) -> list[list[int]]:
 
 def test_engine_greedy_is_identical_on_reference_and_triton_attention(tiny_qwen2, prompts, monkeypatch):
     monkeypatch.setenv("BRANCHWISE_ATTENTION", "reference")
-    want = greedy(LLM(tiny_qwen2, dtype="float32", max_num_batched_tokens=64), prompts)
+    want = greedy(LLM(tiny_qwen2, dtype="float32", max_num_batched_tokens=64, num_blocks=2048), prompts)
     monkeypatch.setenv("BRANCHWISE_ATTENTION", "triton")
     assert (
-        greedy(LLM(tiny_qwen2, dtype="float32", max_num_batched_tokens=64, enforce_eager=True), prompts)
+        greedy(
+            LLM(tiny_qwen2, dtype="float32", max_num_batched_tokens=64, enforce_eager=True, num_blocks=2048),
+            prompts,
+        )
         == want
     )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graphs_on_and_off_give_identical_greedy_outputs(tiny_llama, prompts, dtype):
-    eager = LLM(tiny_llama, dtype=dtype, enforce_eager=True)
-    graphs = LLM(tiny_llama, dtype=dtype)
+    eager = LLM(tiny_llama, dtype=dtype, enforce_eager=True, num_blocks=2048)
+    graphs = LLM(tiny_llama, dtype=dtype, num_blocks=2048)
     assert graphs.engine.runner.graphs is not None
     assert greedy(graphs, prompts) == greedy(eager, prompts)
 
 
 def test_decode_steps_replay_captured_graphs(tiny_llama, prompts):
-    llm = LLM(tiny_llama, dtype="bfloat16")
+    llm = LLM(tiny_llama, dtype="bfloat16", num_blocks=2048)
     graphs = llm.engine.runner.graphs
     replayed = []
     replay = graphs.replay

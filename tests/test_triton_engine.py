@@ -20,18 +20,18 @@ def greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 def test_triton_attention_gives_the_reference_greedy_tokens(tiny_qwen2, prompts, monkeypatch):
     chosen = [prompts[0], prompts[1], prompts[3], prompts[9]]  # 3, 90, 5 and 50 tokens
     monkeypatch.setenv("BRANCHWISE_ATTENTION", "reference")
-    want = greedy(LLM(tiny_qwen2, dtype="float32", max_num_batched_tokens=64), chosen)
+    want = greedy(LLM(tiny_qwen2, dtype="float32", max_num_batched_tokens=64, num_blocks=512), chosen)
     monkeypatch.setenv("BRANCHWISE_ATTENTION", "triton")
-    llm = LLM(tiny_qwen2, dtype="float32", max_num_batched_tokens=64, enforce_eager=True)
+    llm = LLM(tiny_qwen2, dtype="float32", max_num_batched_tokens=64, enforce_eager=True, num_blocks=512)
     assert greedy(llm, chosen) == want
 
 
 def test_graph_buffers_pad_and_replay_any_decode_mix(tiny_llama, prompts, monkeypatch):
     chosen = [prompts[2], prompts[4], prompts[6]]
     monkeypatch.setenv("BRANCHWISE_ATTENTION", "reference")
-    want = greedy(LLM(tiny_llama, dtype="float32"), chosen)
+    want = greedy(LLM(tiny_llama, dtype="float32", num_blocks=512), chosen)
     monkeypatch.setenv("BRANCHWISE_ATTENTION", "triton")
-    llm = LLM(tiny_llama, dtype="float32", block_size=8, enforce_eager=True)
+    llm = LLM(tiny_llama, dtype="float32", block_size=8, enforce_eager=True, num_blocks=512)
     runner = llm.engine.runner
     runner.graphs = CudaGraphs(runner, max_tokens=8, max_blocks_per_seq=64, capture=False)
     used = []
@@ -43,7 +43,7 @@ def test_graph_buffers_pad_and_replay_any_decode_mix(tiny_llama, prompts, monkey
 
 def test_graph_replay_writes_only_real_slots_and_matches_eager(tiny_llama, prompts, monkeypatch):
     monkeypatch.setenv("BRANCHWISE_ATTENTION", "triton")
-    llm = LLM(tiny_llama, dtype="float32", block_size=8, enforce_eager=True)
+    llm = LLM(tiny_llama, dtype="float32", block_size=8, enforce_eager=True, num_blocks=512)
     engine = llm.engine
     for i in (2, 4, 6):
         engine.add_request(str(i), prompts[i], PARAMS)

@@ -94,7 +94,12 @@ class ModelRunner:
         """Capture decode-shaped forwards (CUDA + Triton attention only)."""
         if self.device.type != "cuda" or backend(self.device) != "triton":
             return
-        self.graphs = CudaGraphs(self, max_tokens, max_blocks_per_seq)
+        try:
+            self.graphs = CudaGraphs(self, max_tokens, max_blocks_per_seq)
+        except Exception:  # e.g. a model torch.compile cannot trace: graphs of the eager forward still help
+            log.exception("torch.compile of the decoder failed; capturing graphs of the uncompiled forward")
+            torch._dynamo.reset()
+            self.graphs = CudaGraphs(self, max_tokens, max_blocks_per_seq, compile_backend=None)
 
 
 class CudaGraphs:
@@ -107,10 +112,22 @@ class CudaGraphs:
     """
 
     def __init__(
-        self, runner: ModelRunner, max_tokens: int, max_blocks_per_seq: int, capture: bool = True
+        self,
+        runner: ModelRunner,
+        max_tokens: int,
+        max_blocks_per_seq: int,
+        capture: bool = True,
+        compile_backend: str | None = "inductor",
     ) -> None:
         self.runner = runner
         self.capture = capture  # False: the same static-buffer forward, eager (tests it on CPU)
+        # torch.compile fuses HF's many small elementwise kernels (norms, RoPE, residuals); without it a
+        # captured decode step is bound by ~30 tiny kernels per layer, not by reading the weights
+        self.forward = runner.run_decoder
+        if compile_backend:
+            self.forward = torch.compile(
+                runner.run_decoder, backend=compile_backend, fullgraph=True, dynamic=True
+            )
         self.buckets = [b for b in GRAPH_BUCKETS if b <= max_tokens]
         T = self.buckets[-1]
         dev = runner.device
@@ -134,11 +151,11 @@ class CudaGraphs:
             if not capture:
                 continue
             self._fill_padding(0, 0, bucket)
-            self.runner.run_decoder(self.ids[:bucket], meta)  # warm-up: compiles the Triton kernels
+            self.forward(self.ids[:bucket], meta)  # warm-up: compiles the decoder and the Triton kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = self.runner.run_decoder(self.ids[:bucket], meta)
+                hidden = self.forward(self.ids[:bucket], meta)
             pool = graph.pool()
             self.graphs[bucket] = (graph, hidden)
         log.info("captured CUDA graphs for %d buckets up to %d tokens", len(self.buckets), T)
@@ -200,7 +217,7 @@ class CudaGraphs:
         self.custom_mask[: meta.custom_mask.shape[0]] = meta.custom_mask
         self._fill_padding(n, B, bucket)
         if not self.capture:
-            return self.runner.run_decoder(self.ids[:bucket], self.metas[bucket])[:n]
+            return self.forward(self.ids[:bucket], self.metas[bucket])[:n]
         graph, hidden = self.graphs[bucket]
         graph.replay()
         return hidden[:n]

@@ -9,7 +9,7 @@ import torch
 from branchwise.kernels import reference
 from branchwise.kernels.metadata import AttentionMetadata, build_metadata
 
-__all__ = ["AttentionMetadata", "build_metadata", "backend", "store_kv", "paged_attention"]
+__all__ = ["AttentionMetadata", "build_metadata", "backend", "attend", "store_kv", "paged_attention"]
 
 
 def backend(device: torch.device) -> str:
@@ -36,3 +36,41 @@ def paged_attention(query, k_cache, v_cache, meta: AttentionMetadata, scale: flo
 
         return triton_attention.paged_attention(query, k_cache, v_cache, meta, scale, sliding_window)
     return reference.paged_attention(query, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def attend(
+    query,
+    key,
+    value,
+    kv: torch.Tensor,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window=None,
+):
+    """Write one layer's new K/V into the pool `kv` (layers, 2, blocks, block_size, Hkv, D), then attend."""
+    if meta.graph_splits and backend(query.device) == "triton":
+        from branchwise.kernels import triton_attention  # noqa: F401  (registers the op)
+
+        return torch.ops.branchwise.token_tile_attention(
+            query,
+            key,
+            value,
+            kv,
+            layer,
+            meta.slot_mapping,
+            meta.token_seqs,
+            meta.token_index,
+            meta.query_start,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.mask_offsets,
+            meta.custom_mask,
+            meta.positions,
+            scale,
+            sliding_window or 0,
+            meta.graph_splits,
+            meta.block_size,
+        )
+    store_kv(key, value, kv[layer, 0], kv[layer, 1], meta.slot_mapping)
+    return paged_attention(query, kv[layer, 0], kv[layer, 1], meta, scale, sliding_window)

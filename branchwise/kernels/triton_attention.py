@@ -274,13 +274,53 @@ def _auto_splits(programs: int, max_seq_len: int, device: torch.device) -> int:
 
 def paged_attention(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
     """Attention of new tokens (T, Hq, D) over their sequences' cached + new K/V; returns (T, Hq, D)."""
+    tile_seq, tile_q0, block_q, splits = _tiling(
+        meta, query.shape[1] // k_cache.shape[2], k_cache.shape[2], query.device
+    )
+    return _attend(
+        query,
+        k_cache,
+        v_cache,
+        tile_seq,
+        tile_q0,
+        meta.query_start,
+        meta.seq_lens,
+        meta.block_tables,
+        meta.mask_offsets,
+        meta.custom_mask,
+        meta.positions,
+        scale,
+        sliding_window or 0,
+        block_q,
+        splits,
+        meta.block_size,
+    )
+
+
+def _attend(
+    query,
+    k_cache,
+    v_cache,
+    tile_seq,
+    tile_q0,
+    query_start,
+    seq_lens,
+    block_tables,
+    mask_offsets,
+    custom_mask,
+    positions,
+    scale: float,
+    window: int,
+    block_q: int,
+    splits: int,
+    block_size: int,
+):
     T, Hq, D = query.shape
     Hkv = k_cache.shape[2]
     group = Hq // Hkv
     out = torch.empty(T, Hq, D, dtype=query.dtype, device=query.device)
     if T == 0:
         return out
-    tile_seq, tile_q0, block_q, splits = _tiling(meta, group, Hkv, query.device)
     D_P = triton.next_power_of_2(D)
     if splits > 1:
         part_acc = torch.empty(T * Hq * splits, D_P, dtype=torch.float32, device=query.device)
@@ -297,12 +337,12 @@ def paged_attention(query, k_cache, v_cache, meta: AttentionMetadata, scale: flo
         part_ml,
         tile_seq,
         tile_q0,
-        meta.query_start,
-        meta.seq_lens,
-        meta.block_tables,
-        meta.mask_offsets,
-        meta.custom_mask.view(torch.uint8),
-        meta.positions,
+        query_start,
+        seq_lens,
+        block_tables,
+        mask_offsets,
+        custom_mask.view(torch.uint8),
+        positions,
         scale * 1.4426950408889634,
         query.stride(0),
         query.stride(1),
@@ -310,7 +350,7 @@ def paged_attention(query, k_cache, v_cache, meta: AttentionMetadata, scale: flo
         out.stride(1),
         Hkv * D,
         D,
-        meta.block_tables.stride(0),
+        block_tables.stride(0),
         Hq,
         GROUP=group,
         BLOCK_Q=block_q,
@@ -318,8 +358,8 @@ def paged_attention(query, k_cache, v_cache, meta: AttentionMetadata, scale: flo
         BLOCK_N=BLOCK_N,
         D=D,
         D_P=D_P,
-        BS=meta.block_size,
-        WINDOW=sliding_window or 0,
+        BS=block_size,
+        WINDOW=window,
         NUM_SPLITS=splits,
         PRECISION="ieee"
         if query.dtype == torch.float32
@@ -339,3 +379,55 @@ def paged_attention(query, k_cache, v_cache, meta: AttentionMetadata, scale: flo
             D_P=D_P,
         )
     return out
+
+
+# Under CUDA graphs the decoder is compiled (torch.compile fuses HF's many small elementwise kernels) and
+# attention is this one opaque op. It writes the step's K/V into `kv` without declaring the mutation:
+# declaring it would make the compiler functionalise (copy) the whole cache. That is safe because only
+# this layer's op, later in the same call, reads the slots it writes.
+@torch.library.custom_op("branchwise::token_tile_attention", mutates_args=())
+def token_tile_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    slot_mapping: torch.Tensor,
+    token_seqs: torch.Tensor,
+    token_index: torch.Tensor,
+    query_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    mask_offsets: torch.Tensor,
+    custom_mask: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    window: int,
+    splits: int,
+    block_size: int,
+) -> torch.Tensor:
+    """Store the step's K/V of one layer and attend, in token tiles with a fixed split-K (graph mode)."""
+    store_kv(key, value, kv[layer, 0], kv[layer, 1], slot_mapping)
+    return _attend(
+        query,
+        kv[layer, 0],
+        kv[layer, 1],
+        token_seqs,
+        token_index,
+        query_start,
+        seq_lens,
+        block_tables,
+        mask_offsets,
+        custom_mask,
+        positions,
+        scale,
+        window,
+        1,
+        splits,
+        block_size,
+    )
+
+
+@token_tile_attention.register_fake
+def _(query, key, value, kv, layer, *args):
+    return query.new_empty(query.shape)

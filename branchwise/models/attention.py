@@ -36,13 +36,10 @@ def paged_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     step: StepContext = kwargs["branchwise_step"]
-    layer = step.kv[module.layer_idx]
     q = query[0].transpose(0, 1)  # (T, Hq, D)
-    kernels.store_kv(
-        key[0].transpose(0, 1), value[0].transpose(0, 1), layer[0], layer[1], step.meta.slot_mapping
-    )
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = kernels.paged_attention(q, layer[0], layer[1], step.meta, scale, sliding_window)
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    out = kernels.attend(q, k, v, step.kv, module.layer_idx, step.meta, scale, sliding_window)
     return out[None], None  # (1, T, Hq, D)
 
 
