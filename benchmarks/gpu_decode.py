@@ -234,6 +234,14 @@ def main() -> None:
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
     rates = {"branchwise": median_rate(lambda: ours(1, args.tokens), args.repeats)}
+    graphs = llm.engine.runner.graphs
+    if graphs is not None and graphs.graphs:  # the GPU time of one batch-1 decode forward, vs the whole step
+        replay_ms = triton.testing.do_bench(
+            graphs.graphs[graphs.buckets[0]][0].replay, warmup=25, rep=200, return_mode="median"
+        )
+        result["graph_replay_ms_batch1"] = replay_ms
+        result["step_ms_batch1"] = 1e3 / rates["branchwise"]
+        print(f"graph replay {replay_ms:.3f} ms vs step {1e3 / rates['branchwise']:.3f} ms", flush=True)
     print(f"branchwise batch-1: {rates['branchwise']:.1f} tok/s (bound {bw / nbytes:.1f})", flush=True)
     result["aggregate_tokens_per_s"] = {}
     for b in [int(x) for x in args.batch_sizes.split(",")]:

@@ -36,7 +36,7 @@ def test_graph_buffers_pad_and_replay_any_decode_mix(tiny_llama, prompts, monkey
     runner.graphs = CudaGraphs(runner, max_tokens=8, max_blocks_per_seq=64, capture=False)
     used = []
     replay = runner.graphs.replay
-    runner.graphs.replay = lambda ids, meta: used.append(ids.shape[0]) or replay(ids, meta)
+    runner.graphs.replay = lambda packed: used.append(len(packed.ids)) or replay(packed)
     assert greedy(llm, chosen) == want
     assert 3 in used  # decode steps of 3 sequences ran padded to the 4-token bucket
 
@@ -54,12 +54,12 @@ def test_graph_replay_writes_only_real_slots_and_matches_eager(tiny_llama, promp
     for s in seqs:
         engine.blocks.allocate(s, s.num_computed + 1)
     plans = engine.strategy("ar").propose(seqs, [1, 1, 1])
-    ids, meta, _ = runner.prepare(plans)
+    packed = runner.pack(plans)
     pool_before = runner.pool.clone()
-    hidden = graphs.replay(ids, meta)  # 3 tokens padded to the 4-token bucket
+    hidden = graphs.replay(packed)  # 3 tokens padded to the 4-token bucket
     L, _, blocks, bs = runner.pool.shape[:4]
     diff = (runner.pool != pool_before).view(L, 2, blocks * bs, -1).any(-1).any(1).any(0)  # (slots,)
-    assert set(diff.nonzero().flatten().tolist()) == set(meta.slot_mapping.tolist())
+    assert set(diff.nonzero().flatten().tolist()) == set(packed.slots.tolist())
     runner.pool.copy_(pool_before)
-    eager = runner.run_decoder(ids, runner.prepare(plans)[1])
+    eager = runner.run_decoder(*runner.metadata(packed))
     assert hidden.shape == eager.shape and (hidden - eager).abs().max() < 1e-4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from branchwise.kernels import backend
@@ -15,7 +16,8 @@ from branchwise.strategies.base import Plan
 
 log = logging.getLogger(__name__)
 
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# no 1-token bucket: a size-1 dimension would be compiled separately; 1 token runs padded to 2
+GRAPH_BUCKETS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 GRAPH_MAX_QUERY = 16  # a step is decode-shaped when no sequence feeds more tokens than this
 GRAPH_MASK_SLOTS = 64  # custom-mask entries per token the graph buffers hold
 
@@ -25,7 +27,25 @@ class ForwardOutput:
     logits: torch.Tensor  # (R, V) float32, rows of every plan's last num_logits tokens, plan by plan
     hidden: torch.Tensor  # (R, H) final-normed hidden states of the same rows
     hidden_all: torch.Tensor  # (T, H) of every fed token (MTP modules read them)
-    meta: AttentionMetadata
+
+
+@dataclass
+class Packed:
+    """A step's ragged batch on the host, before it reaches the device."""
+
+    ids: np.ndarray  # (T,) token ids
+    positions: np.ndarray  # (T,)
+    slots: np.ndarray  # (T,) cache slot of each token
+    owner: np.ndarray  # (T,) index of each token's plan
+    query_start: np.ndarray  # (B+1,)
+    seq_lens: np.ndarray  # (B,) KV length after the step
+    tables: np.ndarray  # (B, W) block tables, padded with 0
+    masks: list[torch.Tensor | None]
+    logit_idx: np.ndarray  # (R,) rows whose logits are wanted
+
+    @property
+    def max_query_len(self) -> int:
+        return int(np.diff(self.query_start).max())
 
 
 class ModelRunner:
@@ -42,35 +62,55 @@ class ModelRunner:
         self.device = device
         self.graphs: CudaGraphs | None = None
 
+    def pack(self, plans: list[Plan]) -> Packed:
+        """The plans as host arrays; sets each plan's logits_row."""
+        lens = np.array([len(p.tokens) for p in plans])
+        query_start = np.concatenate([[0], np.cumsum(lens)])
+        owner = np.repeat(np.arange(len(plans)), lens)
+        starts = np.array([p.start for p in plans])
+        kv = np.arange(query_start[-1]) - query_start[owner] + starts[owner]
+        tables = np.zeros((len(plans), max(len(p.seq.block_table) for p in plans)), dtype=np.int64)
+        positions = kv.copy()
+        logit_idx, r = [], 0
+        for b, p in enumerate(plans):
+            tables[b, : len(p.seq.block_table)] = p.seq.block_table
+            if p.positions is not None:
+                positions[query_start[b] : query_start[b + 1]] = p.positions
+            p.logits_row = r
+            logit_idx.append(np.arange(query_start[b + 1] - p.num_logits, query_start[b + 1]))
+            r += p.num_logits
+        bs = self.block_size
+        return Packed(
+            ids=np.fromiter((t for p in plans for t in p.tokens), dtype=np.int64, count=int(query_start[-1])),
+            positions=positions,
+            slots=tables[owner, kv // bs] * bs + kv % bs,
+            owner=owner,
+            query_start=query_start,
+            seq_lens=starts + lens,
+            tables=tables,
+            masks=[p.mask for p in plans],
+            logit_idx=np.concatenate(logit_idx),
+        )
+
+    def metadata(self, packed: Packed) -> tuple[torch.Tensor, AttentionMetadata]:
+        """(input_ids, metadata) on the device for an eager forward."""
+        meta = build_metadata(
+            packed.slots,
+            packed.positions,
+            np.diff(packed.query_start).tolist(),
+            packed.seq_lens.tolist(),
+            torch.from_numpy(packed.tables),
+            packed.masks,
+            self.block_size,
+            self.device,
+        )
+        return torch.from_numpy(packed.ids).to(self.device, non_blocking=True), meta
+
     def prepare(self, plans: list[Plan]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
         """(input_ids (T,), metadata, logits_indices (R,)); sets each plan's logits_row."""
-        tokens, positions, query_lens, seq_lens, tables, masks, logit_idx = [], [], [], [], [], [], []
-        kv_index, owner = [], []
-        t = r = 0
-        for b, p in enumerate(plans):
-            n = len(p.tokens)
-            tokens += p.tokens
-            kv_index.append(torch.arange(p.start, p.start + n))
-            positions.append(kv_index[-1] if p.positions is None else torch.tensor(p.positions))
-            owner.append(torch.full((n,), b))
-            query_lens.append(n)
-            seq_lens.append(p.start + n)
-            tables.append(p.seq.block_table)
-            masks.append(p.mask)
-            p.logits_row = r
-            logit_idx.append(torch.arange(t + n - p.num_logits, t + n))
-            t, r = t + n, r + p.num_logits
-        kv = torch.cat(kv_index)
-        bs = self.block_size
-        table_t = torch.zeros(len(plans), max(len(x) for x in tables), dtype=torch.long)
-        for b, x in enumerate(tables):
-            table_t[b, : len(x)] = torch.tensor(x)
-        slots = table_t[torch.cat(owner), kv // bs] * bs + kv % bs
-        meta = build_metadata(
-            slots, torch.cat(positions), query_lens, seq_lens, table_t, masks, bs, self.device
-        )
-        ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
-        return ids, meta, torch.cat(logit_idx).to(self.device, non_blocking=True)
+        packed = self.pack(plans)
+        ids, meta = self.metadata(packed)
+        return ids, meta, torch.from_numpy(packed.logit_idx).to(self.device, non_blocking=True)
 
     def run_decoder(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """(T, H) final-normed hidden states of the packed batch (eager)."""
@@ -83,12 +123,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, plans: list[Plan]) -> ForwardOutput:
-        ids, meta, logit_idx = self.prepare(plans)
-        hidden_all = self.graphs.replay(ids, meta) if self.graphs is not None else None
+        packed = self.pack(plans)
+        hidden_all = self.graphs.replay(packed) if self.graphs is not None else None
         if hidden_all is None:
-            hidden_all = self.run_decoder(ids, meta)
-        hidden = hidden_all[logit_idx]
-        return ForwardOutput(self.lm_head(hidden).float(), hidden, hidden_all, meta)
+            hidden_all = self.run_decoder(*self.metadata(packed))
+        hidden = hidden_all[torch.from_numpy(packed.logit_idx).to(self.device, non_blocking=True)]
+        return ForwardOutput(self.lm_head(hidden).float(), hidden, hidden_all)
 
     def capture_graphs(self, max_tokens: int, max_blocks_per_seq: int) -> None:
         """Capture decode-shaped forwards (CUDA + Triton attention only)."""
@@ -107,8 +147,9 @@ class CudaGraphs:
 
     The attention kernels run in token tiles under a graph (one program per token, fixed split-K), so the
     captured launch configuration depends only on T: any mix of sequences fits, each reading its block
-    table through static metadata buffers. The step is padded to the bucket with tokens of a dummy sequence
-    of length 0: they write no K/V (slot -1) and attend to nothing.
+    table through static metadata. The step is padded to the bucket with tokens of a dummy sequence of
+    length 0: they write no K/V (slot -1) and attend to nothing. All int metadata lives in one pinned host
+    buffer mirrored by one device buffer, so a replay costs one host-to-device copy.
     """
 
     def __init__(
@@ -128,43 +169,42 @@ class CudaGraphs:
             self.forward = torch.compile(
                 runner.run_decoder, backend=compile_backend, fullgraph=True, dynamic=True
             )
-        self.buckets = [b for b in GRAPH_BUCKETS if b <= max_tokens]
-        T = self.buckets[-1]
+        self.buckets = [b for b in GRAPH_BUCKETS if b <= max_tokens] or [GRAPH_BUCKETS[0]]
+        T, W = self.buckets[-1], max_blocks_per_seq
+        self.width = W
         dev = runner.device
-        i32 = dict(dtype=torch.int32, device=dev)
-        self.ids = torch.zeros(T, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(T, dtype=torch.long, device=dev)
-        self.slots = torch.full((T,), -1, dtype=torch.long, device=dev)
-        self.token_seqs = torch.zeros(T, **i32)
-        self.token_index = torch.arange(T, **i32)
-        self.query_start = torch.zeros(T + 2, **i32)
-        self.seq_lens = torch.zeros(T + 1, **i32)
-        self.block_tables = torch.zeros(T + 1, max_blocks_per_seq, **i32)
-        self.mask_offsets = torch.full((T + 1,), -1, **i32)
+        # one int32 buffer: ids | positions | slots | token_seqs | query_start | seq_lens | mask_offsets |
+        # block tables
+        sizes = [T, T, T, T, T + 2, T + 1, T + 1, (T + 1) * W]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.host = torch.zeros(int(self.offsets[-1]), dtype=torch.int32)
+        if dev.type == "cuda":
+            self.host = self.host.pin_memory()
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros_like(self.host, device=dev)
+        views = [self.dev[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+        self.ids, self.positions, self.slots, self.token_seqs, self.query_start, self.seq_lens = views[:6]
+        self.mask_offsets, self.block_tables = views[6], views[7].view(T + 1, W)
+        self.token_index = torch.arange(T, dtype=torch.int32, device=dev)
         self.custom_mask = torch.zeros(T * GRAPH_MASK_SLOTS, dtype=torch.bool, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.metas: dict[int, AttentionMetadata] = {}
+        self.metas = {bucket: self._meta(bucket) for bucket in self.buckets}
         pool = None
-        for bucket in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
-            meta = self._meta(bucket)
-            self.metas[bucket] = meta
-            if not capture:
-                continue
-            self._fill_padding(0, 0, bucket)
-            self.forward(self.ids[:bucket], meta)  # warm-up: compiles the decoder and the Triton kernels
+        for bucket in reversed(self.buckets) if capture else []:  # largest first: smaller ones reuse its pool
+            self._stage(None, bucket)
+            self.forward(self.ids[:bucket], self.metas[bucket])  # warm-up: compiles decoder and kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = self.forward(self.ids[:bucket], meta)
+                hidden = self.forward(self.ids[:bucket], self.metas[bucket])
             pool = graph.pool()
             self.graphs[bucket] = (graph, hidden)
-        log.info("captured CUDA graphs for %d buckets up to %d tokens", len(self.buckets), T)
+        if capture:
+            log.info("captured CUDA graphs for %d buckets up to %d tokens", len(self.buckets), T)
 
     def _meta(self, bucket: int) -> AttentionMetadata:
-        programs = bucket * self.runner.pool.shape[4]
-        dev = self.runner.device
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-        splits = 1 << max(0, min(4, (2 * sms // max(programs, 1)).bit_length() - 1))
+        # two split-K settings only: every distinct one is another compilation of the decoder
+        splits = 8 if bucket <= 16 else 1
         return AttentionMetadata(
             slot_mapping=self.slots[:bucket],
             positions=self.positions[:bucket],
@@ -184,38 +224,47 @@ class CudaGraphs:
             graph_splits=splits,
         )
 
-    def _fill_padding(self, n: int, num_seqs: int, bucket: int) -> None:
-        """Tokens n..bucket belong to a dummy sequence `num_seqs` of length 0."""
-        self.ids[n:bucket] = 0
-        self.positions[n:bucket] = 0
-        self.slots[n:bucket] = -1
-        self.token_seqs[n:bucket] = num_seqs
-        self.query_start[num_seqs + 1] = bucket
-        self.seq_lens[num_seqs] = 0
-        self.mask_offsets[num_seqs] = -1
+    def _stage(self, packed: Packed | None, bucket: int) -> None:
+        """Write the step (or nothing) + padding into the host buffer and copy it to the device at once."""
+        h, o = self.host_np, self.offsets
+        n, B = (0, 0) if packed is None else (len(packed.ids), len(packed.seq_lens))
+        ids, pos, slots, seqs, qstart, lens, moff, tables = (h[o[i] : o[i + 1]] for i in range(8))
+        tables = tables.reshape(-1, self.width)
+        if packed is not None:
+            ids[:n], pos[:n], slots[:n], seqs[:n] = packed.ids, packed.positions, packed.slots, packed.owner
+            qstart[: B + 1], lens[:B] = packed.query_start, packed.seq_lens
+            tables[:B, : packed.tables.shape[1]] = packed.tables
+            offsets, used, flat = [], 0, []
+            for mask in packed.masks:
+                if mask is not None:
+                    offsets.append(used)
+                    flat.append(mask.reshape(-1))
+                    used += mask.numel()
+                else:
+                    offsets.append(-1)
+            moff[:B] = offsets
+            if flat:
+                self.custom_mask[:used].copy_(torch.cat(flat), non_blocking=True)
+        ids[n:bucket], pos[n:bucket], slots[n:bucket], seqs[n:bucket] = 0, 0, -1, B
+        qstart[B + 1], lens[B], moff[B] = bucket, 0, -1  # the padding's dummy sequence: length 0
+        end = int(o[7]) + (B + 1) * self.width
+        # the pinned buffer is rewritten only after the step's logits reached the host (a sync), so the
+        # previous asynchronous copy has finished by then
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
 
-    def replay(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+    def replay(self, packed: Packed) -> torch.Tensor | None:
         """Hidden states (T, H) from a captured graph, or None if this step is not decode-shaped."""
-        n, B = ids.shape[0], meta.num_seqs
+        n = len(packed.ids)
         bucket = next((b for b in self.buckets if b >= n), None)
-        width = meta.block_tables.shape[1]
+        mask_size = sum(m.numel() for m in packed.masks if m is not None)
         if (
             bucket is None
-            or meta.max_query_len > GRAPH_MAX_QUERY
-            or width > self.block_tables.shape[1]
-            or meta.custom_mask.shape[0] > self.custom_mask.shape[0]
+            or packed.max_query_len > GRAPH_MAX_QUERY
+            or packed.tables.shape[1] > self.width
+            or mask_size > self.custom_mask.shape[0]
         ):
             return None
-        self.ids[:n] = ids
-        self.positions[:n] = meta.positions
-        self.slots[:n] = meta.slot_mapping
-        self.token_seqs[:n] = meta.token_seqs
-        self.query_start[: B + 1] = meta.query_start
-        self.seq_lens[:B] = meta.seq_lens
-        self.block_tables[:B, :width] = meta.block_tables
-        self.mask_offsets[:B] = meta.mask_offsets
-        self.custom_mask[: meta.custom_mask.shape[0]] = meta.custom_mask
-        self._fill_padding(n, B, bucket)
+        self._stage(packed, bucket)
         if not self.capture:
             return self.forward(self.ids[:bucket], self.metas[bucket])[:n]
         graph, hidden = self.graphs[bucket]
