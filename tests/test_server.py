@@ -321,3 +321,22 @@ def test_a_failure_inside_one_request_ends_only_that_request(server, client, mon
     ok = client.completions.create(model=client.models.list().data[0].id, prompt="x", max_tokens=3)
     assert ok.choices[0].finish_reason == "length"
     wait_until_free(base_url)
+
+
+def test_per_request_speculative_strategy_reports_its_usage_and_metrics(server, client, offline):
+    prompt = "def parse(self, text):\n    return self.parse(text)\n\ndef parse"
+    want = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    r = client.completions.create(
+        model=client.models.list().data[0].id,
+        prompt=prompt,
+        max_tokens=24,
+        temperature=0,
+        extra_body={
+            "ignore_eos": True,
+            "strategy": {"name": "ngram", "params": {"num_speculative_tokens": 3}},
+        },
+    )
+    assert r.choices[0].text == want[0].outputs[0].text
+    spec = r.usage.model_extra["spec_decode"]
+    assert spec["num_drafts"] > 0 and spec["num_draft_tokens"] >= spec["num_accepted_tokens"]
+    assert metric(server[0], "branchwise:spec_decode_num_drafts_total") >= spec["num_drafts"]

@@ -23,6 +23,7 @@ from branchwise.engine.sequence import SamplingParams, Sequence, SeqUpdate, Stat
 from branchwise.models import demo
 from branchwise.models.loader import kv_shape, load_model, load_tokenizer, resolve_device, resolve_dtype
 from branchwise.strategies import Plan, Strategy, Verdict, strategy_class
+from branchwise.strategies.speculative import CostModel
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,18 @@ class LLMEngine:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
 
-        layers, kv_heads, head_dim = kv_shape(self.model)
+        # the draft model's weights load here so that its K/V pool counts in the memory budget; the
+        # 'draft' strategy owns the pool and the draft forwards
+        draft_path = demo.resolve_draft(config.model, config.draft_model)
+        self.draft_path = draft_path
+        self.draft_model = load_model(draft_path, self.dtype, self.device) if draft_path else None
         bs = config.block_size
-        self.num_blocks = config.num_blocks or self._auto_num_blocks(
-            pool_block_bytes(layers, bs, kv_heads, head_dim, self.dtype)
-        )
+        block_bytes = 0
+        for model in filter(None, (self.model, self.draft_model)):
+            layers, kv_heads, head_dim = kv_shape(model)
+            block_bytes += pool_block_bytes(layers, bs, kv_heads, head_dim, self.dtype)
+        layers, kv_heads, head_dim = kv_shape(self.model)
+        self.num_blocks = config.num_blocks or self._auto_num_blocks(block_bytes)
         self.blocks = BlockManager(self.num_blocks, bs)
         pool = new_pool(layers, self.num_blocks, bs, kv_heads, head_dim, self.dtype, self.device)
         self.blocks.pools.append(pool)
@@ -66,7 +74,11 @@ class LLMEngine:
         self.metrics.kv_total.labels(self.model_name).set(self.num_blocks)
         self._strategies: dict[str, Strategy] = {}
         self._strategy_lock = threading.Lock()
+        self.step_cost = CostModel()  # target forward + verification time vs tokens fed
+        self.goodput = 0.0  # tokens committed per second of step, smoothed
         self.strategy(config.strategy)  # fail at start-up, not at the first request
+        if self.draft_model is not None:
+            self.strategy("draft")  # its K/V pool and CUDA graphs, before any request
         self._requests: dict[str, list[Sequence]] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._seq_ids = itertools.count()
@@ -206,6 +218,7 @@ class LLMEngine:
         return list(self._updates.values())
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        started = time.perf_counter()
         decode: dict[str, list[tuple[Sequence, int]]] = defaultdict(list)
         plans: list[Plan] = []
         for seq, n in scheduled:
@@ -223,6 +236,8 @@ class LLMEngine:
         plans = [p for p in plans if not p.seq.finished]
         if not plans:
             return
+        forward_started = time.perf_counter()
+        num_fed = sum(len(p.tokens) for p in plans)
         try:
             out = self.runner.forward(plans)
         except Exception as e:
@@ -244,6 +259,11 @@ class LLMEngine:
                 continue
             for p, v in zip(group, verdicts, strict=True):
                 self._commit(p, v, logprob_rows)
+        # verification read the logits on the host, so these times include the device's work
+        ended = time.perf_counter()
+        self.step_cost.observe(num_fed, ended - forward_started)
+        rate = sum(len(u.token_ids) for u in self._updates.values()) / max(ended - started, 1e-6)
+        self.goodput = rate if not self.goodput else 0.9 * self.goodput + 0.1 * rate
         self._attach_logprobs(out, logprob_rows)
 
     def _fork_siblings(self, plans: list[Plan]) -> list[Plan]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,7 +13,9 @@ from branchwise.kernels import backend
 from branchwise.kernels.metadata import AttentionMetadata, build_metadata
 from branchwise.models.attention import StepContext
 from branchwise.models.loader import decoder_of
-from branchwise.strategies.base import Plan
+
+if TYPE_CHECKING:
+    from branchwise.strategies.base import Plan
 
 log = logging.getLogger(__name__)
 

@@ -151,6 +151,9 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] | None = None
     finish_reason: str | None = None
+    num_draft_steps: int = 0  # speculative steps, drafted and accepted tokens of this output
+    num_drafted: int = 0
+    num_accepted: int = 0
 
 
 @dataclass

@@ -27,3 +27,12 @@ def resolve(model: str) -> str:
         log.warning("no demo model is shipped yet: building a tiny random model in %s", TINY_CACHE)
         build_tiny_checkpoint(TINY_CACHE)
     return str(TINY_CACHE)
+
+
+def resolve_draft(model: str, draft_model: str | None) -> str | None:
+    """The draft checkpoint of the 'draft' strategy: the configured one, else the demo model's own."""
+    if draft_model:
+        return draft_model
+    if model == "demo" and (ASSET_DIR / "draft" / "config.json").exists():
+        return str(ASSET_DIR / "draft")
+    return None

@@ -1,9 +1,11 @@
 """Decoding strategies, one file each, all behind the interface in `base.py`."""
 
 from branchwise.strategies.base import Plan, Strategy, Verdict
+from branchwise.strategies.draft import DraftStrategy
+from branchwise.strategies.ngram import NgramStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {"ar": Strategy}
-ALIASES = {"autoregressive": "ar"}
+STRATEGIES: dict[str, type[Strategy]] = {"ar": Strategy, "draft": DraftStrategy, "ngram": NgramStrategy}
+ALIASES = {"autoregressive": "ar", "prompt_lookup": "ngram", "speculative": "draft"}
 
 
 def strategy_class(name: str) -> type[Strategy]:

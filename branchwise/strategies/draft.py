@@ -1,0 +1,116 @@
+"""Speculative decoding with a small draft model (Leviathan et al. 2023; Chen et al. 2023).
+
+The draft model has its own K/V pool addressed by the same block tables as the target's, so a sequence's
+draft K/V lives in the same slots and every rollback of the target's (a truncation) rolls it back too.
+Each step the draft first catches up on the tokens it has not seen (the prompt, the last step's accepted
+and sampled tokens), then proposes one token per batched forward, K forwards for the deepest chain; the
+target scores all drafts in the engine's one forward and the chain rule of `base.py` accepts a prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from branchwise.engine import sampler
+from branchwise.engine.kv_cache import new_pool
+from branchwise.engine.model_runner import ForwardOutput, ModelRunner
+from branchwise.engine.sequence import Sequence
+from branchwise.models.loader import kv_shape, load_tokenizer
+from branchwise.strategies.base import Plan, Verdict
+from branchwise.strategies.speculative import CostModel, SpeculativeStrategy
+
+if TYPE_CHECKING:
+    from branchwise.engine.engine import LLMEngine
+
+
+class DraftStrategy(SpeculativeStrategy):
+    name = "draft"
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__(engine)
+        model = engine.draft_model
+        if model is None:
+            raise ValueError("strategy 'draft' needs a draft model: start the server with --draft-model PATH")
+        check_vocabulary(engine, model)
+        layers, kv_heads, head_dim = kv_shape(model)
+        bs = engine.config.block_size
+        pool = new_pool(layers, engine.num_blocks, bs, kv_heads, head_dim, engine.dtype, engine.device)
+        engine.blocks.pools.append(pool)  # copies and moves of blocks apply to both caches
+        self.runner = ModelRunner(model, pool, bs, engine.device)
+        if not engine.config.enforce_eager:
+            self.runner.capture_graphs(engine.config.max_num_batched_tokens, -(-engine.max_model_len // bs))
+        self.cost = CostModel()
+        self.num_drafting = 1  # sequences that drafted in the last step: they share a forward's fixed cost
+
+    def draft_cost(self) -> float:
+        fixed, per_token = self.cost.fit()
+        return per_token + fixed / self.num_drafting
+
+    def state(self, seq: Sequence) -> dict:
+        st = super().state(seq)
+        st.setdefault("computed", 0)  # tokens whose draft K/V is in the cache
+        return st
+
+    def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
+        want = [b - 1 for b in budgets]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        active = [i for i, k in enumerate(want) if k > 0]
+        if active:
+            self.num_drafting = len(active)
+        for depth in range(max((want[i] for i in active), default=0)):
+            idx = [i for i in active if want[i] > depth]
+            plans = []
+            for i in idx:
+                seq, st = seqs[i], self.state(seqs[i])
+                if depth == 0:  # catch up on every token the draft has not seen, then draft
+                    plans.append(Plan(seq, seq.token_ids[st["computed"] :], start=st["computed"]))
+                else:
+                    plans.append(Plan(seq, [drafts[i][-1]], start=seq.num_tokens + depth - 1))
+                st["computed"] = plans[-1].start + len(plans[-1].tokens)
+            started = time.perf_counter()
+            out = self.runner.forward(plans)
+            group = [seqs[i] for i in idx]
+            q = sampler.target_probs(out.logits[:, None], group)[:, 0]
+            u = torch.tensor(
+                [0.5 if s.params.greedy else float(torch.rand(1, generator=s.generator)) for s in group]
+            )
+            tokens = sampler.sample_from(q, u.to(q.device)).tolist()
+            self.cost.observe(sum(len(p.tokens) for p in plans), time.perf_counter() - started)
+            for j, i in enumerate(idx):
+                drafts[i].append(tokens[j])
+                probs[i].append(q[j])
+        plans = []
+        for seq, d, q in zip(seqs, drafts, probs, strict=True):
+            pending = seq.token_ids[seq.num_computed :]
+            # a greedy draft is deterministic: the chain rule then needs no q (a point mass)
+            q_t = torch.stack(q) if d and not seq.params.greedy else None
+            plans.append(Plan(seq, pending + d, num_logits=len(d) + 1, drafts=d, draft_probs=q_t))
+        return plans
+
+    def verify(self, plans: list[Plan], out: ForwardOutput) -> list[Verdict]:
+        verdicts = super().verify(plans, out)
+        for p, v in zip(plans, verdicts, strict=True):
+            # the draft's K/V stays valid up to the first token the target did not keep
+            st = self.state(p.seq)
+            st["computed"] = min(st["computed"], p.start + len(v.kv_keep))
+        return verdicts
+
+
+def check_vocabulary(engine: LLMEngine, model: torch.nn.Module) -> None:
+    """Refuse a draft model whose token ids mean something else than the target's."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab != engine.vocab_size:
+        raise ValueError(
+            f"the draft model's vocabulary has {vocab} tokens, the target's {engine.vocab_size}: "
+            "a draft model must share the target's tokenizer"
+        )
+    try:
+        draft_vocab = load_tokenizer(engine.draft_path).get_vocab()
+    except (OSError, ValueError):  # weights without a tokenizer: the sizes matched, trust them
+        return
+    if draft_vocab != engine.tokenizer.get_vocab():
+        raise ValueError("the draft model's tokenizer differs from the target's: token ids would not match")

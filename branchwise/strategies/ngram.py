@@ -1,0 +1,42 @@
+"""Prompt lookup: draft the continuation of the latest earlier occurrence of the last n tokens.
+
+No extra model: the drafts are a deterministic guess (q is a point mass), verified by the chain rule.
+It pays where the output copies its input: extraction, editing, code with repeated identifiers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from branchwise.engine.sequence import Sequence
+from branchwise.strategies.base import Plan
+from branchwise.strategies.speculative import SpeculativeStrategy
+
+MAX_NGRAM, MIN_NGRAM = 4, 1
+
+
+def lookup(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
+    """Up to k tokens that followed the latest earlier match of the longest matching suffix n-gram."""
+    arr = np.asarray(tokens)
+    for n in range(max_n, min_n - 1, -1):
+        if len(arr) <= n:
+            continue
+        windows = sliding_window_view(arr[:-1], n)  # each window has at least one token after it
+        hits = np.flatnonzero((windows == arr[-n:]).all(1))
+        if hits.size:
+            at = int(hits[-1]) + n
+            return arr[at : at + k].tolist()
+    return []
+
+
+class NgramStrategy(SpeculativeStrategy):
+    name = "ngram"
+
+    def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
+        plans = []
+        for seq, budget in zip(seqs, budgets, strict=True):
+            drafts = lookup(seq.token_ids, budget - 1) if budget > 1 else []
+            pending = seq.token_ids[seq.num_computed :]
+            plans.append(Plan(seq, pending + drafts, num_logits=len(drafts) + 1, drafts=drafts))
+        return plans

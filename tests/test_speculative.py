@@ -1,0 +1,238 @@
+"""Speculative decoding (draft model, prompt lookup): lossless under greedy and sampling, exact rollback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from scipy.stats import chi2_contingency
+from transformers import AutoModelForCausalLM
+
+from branchwise import LLM, SamplingParams
+from branchwise.models.loader import load_tokenizer
+from branchwise.strategies import ngram, speculative
+from branchwise.train.tiny import build_tiny_checkpoint
+from branchwise.train.tokenizer import stdlib_files, train_tokenizer
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory, tiny_llama) -> str:
+    """A 2-layer random model whose second layer adds little: its first layer alone is a good draft."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    last = model.model.layers[1]
+    for proj in (last.self_attn.o_proj, last.mlp.down_proj):
+        proj.weight.data *= 0.3
+    path = tmp_path_factory.mktemp("target")
+    model.save_pretrained(path)
+    load_tokenizer(tiny_llama).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def truncated_draft(tmp_path_factory, target) -> str:
+    """The target with its second layer cut off: a draft that agrees often, not always."""
+    model = AutoModelForCausalLM.from_pretrained(target)
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    path = tmp_path_factory.mktemp("truncated")
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def random_draft(tmp_path_factory, tokenizer) -> str:
+    """Unrelated random weights: acceptance near zero."""
+    path = tmp_path_factory.mktemp("random")
+    return str(
+        build_tiny_checkpoint(path, "llama", tokenizer=tokenizer, hidden_size=32, num_layers=1, seed=9)
+    )
+
+
+@pytest.fixture(scope="module")
+def llm_truncated(target, truncated_draft) -> LLM:
+    return LLM(target, draft_model=truncated_draft, max_num_batched_tokens=256)
+
+
+def outputs(llm: LLM, prompts, params, strategy, **strategy_params):
+    outs = llm.generate(prompts, params, strategy=strategy, strategy_params=strategy_params or None)
+    return [o.outputs[0] for o in outs]
+
+
+@pytest.mark.parametrize("draft", ["truncated_draft", "random_draft"])
+def test_draft_greedy_equals_autoregressive_for_every_k(draft, request, target, prompts):
+    llm = LLM(target, draft_model=request.getfixturevalue(draft), max_num_batched_tokens=256)
+    ar = [o.token_ids for o in outputs(llm, prompts, GREEDY, "ar")]
+    for k in (1, 3, 5):
+        spec = outputs(llm, prompts, GREEDY, "draft", num_speculative_tokens=k)
+        assert [o.token_ids for o in spec] == ar
+        assert all(0 < o.num_drafted <= k * o.num_draft_steps for o in spec)  # fewer near max_tokens
+        accepted = [o.num_accepted / o.num_drafted for o in spec]
+        if draft == "truncated_draft":  # sequences in one batch accept different numbers of tokens
+            assert max(accepted) > 0.3 and max(accepted) - min(accepted) > 0.1
+        else:
+            assert max(accepted) < 0.2
+    assert llm.engine.blocks.num_free == llm.engine.num_blocks
+
+
+def test_ngram_greedy_equals_autoregressive_for_every_k(tiny_llama, prompts):
+    llm = LLM(tiny_llama, max_num_batched_tokens=256)
+    ar = [o.token_ids for o in outputs(llm, prompts, GREEDY, "ar")]
+    for k in (1, 3, 5):
+        spec = outputs(llm, prompts, GREEDY, "ngram", num_speculative_tokens=k)
+        assert [o.token_ids for o in spec] == ar
+        assert sum(o.num_accepted for o in spec) > 0
+
+
+def test_strategies_mix_per_request_in_one_batch(llm_truncated, prompts):
+    ar = [o.token_ids for o in outputs(llm_truncated, prompts, GREEDY, "ar")]
+    engine = llm_truncated.engine
+    for i, p in enumerate(prompts):
+        engine.add_request(f"mix{i}", p, GREEDY, ["ar", "draft", "ngram"][i % 3])
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for u in engine.step():
+            got.setdefault(u.request_id, []).extend(u.token_ids)
+    assert [got[f"mix{i}"] for i in range(len(prompts))] == ar
+
+
+def test_stop_string_and_max_tokens_end_an_accepted_run_exactly(llm_truncated, prompts):
+    ar = outputs(llm_truncated, prompts[:4], GREEDY, "ar")
+    stops = [o.text[7:10] for o in ar]
+    for strategy in ("draft", "ngram"):
+        for p, stop in zip(prompts[:4], stops, strict=True):
+            params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=[stop])
+            want = outputs(llm_truncated, [p], params, "ar")[0]
+            got = outputs(llm_truncated, [p], params, strategy, num_speculative_tokens=5)[0]
+            assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
+        for n in (1, 2, 7):
+            params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+            got = outputs(llm_truncated, prompts[:4], params, strategy, num_speculative_tokens=5)
+            assert [o.token_ids for o in got] == [o.token_ids[:n] for o in ar]
+
+
+def test_logprobs_are_the_target_models(llm_truncated, prompts):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    ar = outputs(llm_truncated, prompts[:3], params, "ar")
+    spec = outputs(llm_truncated, prompts[:3], params, "draft", num_speculative_tokens=3)
+    for a, s in zip(ar, spec, strict=True):
+        assert [e["token_id"] for e in a.logprobs] == [e["token_id"] for e in s.logprobs]
+        np.testing.assert_allclose(
+            [e["logprob"] for e in s.logprobs], [e["logprob"] for e in a.logprobs], atol=1e-4
+        )
+
+
+@pytest.mark.parametrize("strategy", ["draft", "ngram"])
+def test_sampled_tokens_follow_the_autoregressive_distribution(llm_truncated, strategy):
+    """Two-sample chi-square on the 2nd and 3rd sampled tokens (the first ones drafts can touch)."""
+    # every token id occurs in the prompt, so prompt lookup always finds a 1-gram to draft from
+    start = llm_truncated.tokenizer.encode("def main(self):\n    return self")
+    prompt = np.random.default_rng(0).permutation(llm_truncated.engine.vocab_size).tolist() + start
+    samples = {}
+    for name, first_seed in (("ar", 0), (strategy, 100_000)):  # independent seeds for the two samples
+        params = [
+            SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True, n=200, seed=first_seed + i * 200)
+            for i in range(8)
+        ]
+        k = {"num_speculative_tokens": 2} if name != "ar" else None
+        outs = [c for o in llm_truncated.generate([prompt] * 8, params, name, k) for c in o.outputs]
+        if name != "ar":
+            assert sum(c.num_accepted for c in outs) > 0
+            assert sum(c.num_accepted for c in outs) < sum(c.num_drafted for c in outs)
+        samples[name] = np.array([c.token_ids for c in outs])
+    for pos in (1, 2):
+        a, b = samples["ar"][:, pos], samples[strategy][:, pos]
+        values, counts = np.unique(np.concatenate([a, b]), return_counts=True)
+        common = values[counts >= 20]  # rare tokens pooled into one cell so that every cell is well filled
+        table = np.array([[np.sum(x == v) for v in common] + [np.sum(~np.isin(x, common))] for x in (a, b)])
+        table = table[:, table.sum(0) > 0]
+        assert table.shape[1] >= 3  # a real distribution, not a point mass
+        assert chi2_contingency(table).pvalue > 0.001
+
+
+def test_rollback_leaves_both_caches_as_if_rejected_drafts_never_ran(tiny_llama, prompts):
+    """A draft identical to the target, with a repetition penalty only the target applies: drafts get
+    rejected, and after every step the draft pool holds exactly the target pool's K/V over the tokens
+    it claims (stale K/V of a rejected draft would differ), and no block is held beyond them."""
+    llm = LLM(tiny_llama, draft_model=tiny_llama)
+    engine = llm.engine
+    bs = engine.config.block_size
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3)
+    ref = outputs(llm, prompts[:4], params, "ar")
+    for i, p in enumerate(prompts[:4]):
+        engine.add_request(f"r{i}", p, params, "draft", {"num_speculative_tokens": 4})
+    target_pool, draft_pool = (pool.flatten(2, 3) for pool in engine.blocks.pools)
+    got: dict[str, list[int]] = {}
+    spec: dict[str, tuple[int, int]] = {}
+    while engine.has_unfinished():
+        for u in engine.step():
+            got.setdefault(u.request_id, []).extend(u.token_ids)
+            spec[u.request_id] = (u.num_drafted, u.num_accepted)
+        held = 0
+        for seq in engine.scheduler.running:
+            assert len(seq.block_table) == -(-seq.num_computed // bs)
+            held += len(seq.block_table)
+            computed = seq.strategy_state["computed"]
+            assert computed <= seq.num_computed
+            slots = engine.blocks.slots(seq, 0, computed)
+            assert np.allclose(draft_pool[:, :, slots], target_pool[:, :, slots], atol=1e-5)
+        assert engine.blocks.num_free == engine.num_blocks - held
+    assert [got[f"r{i}"] for i in range(4)] == [o.token_ids for o in ref]
+    assert all(0 < accepted < drafted for drafted, accepted in spec.values())  # rollbacks happened
+    assert engine.blocks.num_free == engine.num_blocks
+
+
+def test_ngram_lookup_takes_the_latest_longest_match():
+    assert ngram.lookup([5, 1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]
+    assert ngram.lookup([4, 2, 3, 9, 1, 2, 3], 2) == [9, 1]  # the 3-gram "1 2 3" has no earlier match
+    assert ngram.lookup([1, 2, 3, 4], 3) == []
+    assert ngram.lookup([7, 7, 7], 5, min_n=2) == [7]
+
+
+def test_adaptive_k_drafts_at_low_load_and_stops_when_the_forward_is_compute_bound(
+    llm_truncated, prompts, monkeypatch
+):
+    monkeypatch.setattr(speculative, "EXPLORE", 0.0)
+    engine = llm_truncated.engine
+    strategy = engine.strategy("ngram")
+    seq = type("S", (), {})  # a stand-in with what lookahead reads
+    seq.strategy_state, seq.strategy_params, seq.num_output_tokens, seq.num_tokens = None, {}, 0, 10
+    seq.params = SamplingParams(max_tokens=100)
+    saved = engine.step_cost, engine.goodput
+    try:
+        engine.step_cost = speculative.CostModel()
+        for tokens in (1, 8, 64, 256):  # a fixed cost dominates: extra tokens are free
+            engine.step_cost.observe(tokens, 0.010 + 1e-7 * tokens)
+        engine.goodput = 100.0
+        strategy.state(seq)["accepted"] = 20.0
+        assert strategy.lookahead(seq) == engine.config.num_speculative_tokens
+        engine.step_cost = speculative.CostModel()
+        for tokens in (64, 128, 256, 512):  # every token costs: a step of 64 sequences yields 1000 tok/s
+            engine.step_cost.observe(tokens, 0.001 * tokens)
+        engine.goodput = 1000.0
+        seq.strategy_state = {"accepted": 8.0, "rejected": 2.0}
+        assert strategy.lookahead(seq) == 0
+    finally:
+        engine.step_cost, engine.goodput = saved
+
+
+def test_draft_strategy_needs_a_draft_model_of_the_same_vocabulary(tmp_path, tiny_llama, prompts):
+    with pytest.raises(ValueError, match="draft model"):
+        LLM(tiny_llama).generate(prompts[0], GREEDY, strategy="draft")
+    other = train_tokenizer((p.read_text(errors="ignore") for p in stdlib_files(10)), 300)
+    mismatched = build_tiny_checkpoint(tmp_path / "other", "llama", tokenizer=other, hidden_size=32)
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLM(tiny_llama, draft_model=str(mismatched))
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        LLM(tiny_llama).generate(prompts[0], GREEDY, strategy="ngram", strategy_params={"k": 2})
+
+
+def test_speculation_metrics_count_drafts_and_accepted_per_position(llm_truncated, prompts):
+    outputs(llm_truncated, prompts[:4], GREEDY, "draft", num_speculative_tokens=3)
+    text = generate_latest(llm_truncated.engine.metrics.registry).decode()
+    drafts = [
+        line for line in text.splitlines() if line.startswith("branchwise:spec_decode_num_drafts_total")
+    ]
+    assert any('strategy="draft"' in line and float(line.split()[-1]) > 0 for line in drafts)
+    assert "branchwise:spec_decode_num_accepted_tokens_per_pos_total" in text
