@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from branchwise import LLM, SamplingParams
-from branchwise.models import demo
 from branchwise.train.demo_data import arithmetic, extraction
 from branchwise.train.tokenizer import stdlib_files
 
@@ -94,8 +93,8 @@ def main() -> None:
             rows.append(row)
             print(
                 f"batch {batch:>3}  {s:<6} {row['tokens_per_s']:>9.1f} tok/s  "
-                f"accepted length {row['mean_accepted_length']:.2f}  drafted/step {row['drafted_per_step']:.2f}"
-                f"  same tokens as ar: {lossless}",
+                f"accepted length {row['mean_accepted_length']:.2f}  "
+                f"drafted/step {row['drafted_per_step']:.2f}  same tokens as ar: {lossless}",
                 flush=True,
             )
     for batch in batches:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -72,7 +73,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
-    import json
     from pathlib import Path
 
     from branchwise.bench.datasets import load_prompts
@@ -94,6 +94,23 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+
+
+def cmd_train_demo(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from branchwise.models.demo import ASSET_DIR
+    from branchwise.train.demo import train_demo
+
+    info = train_demo(Path(args.out or ASSET_DIR), args.minutes, args.device, args.seed)
+    print(json.dumps(info, indent=2))
+
+
+def cmd_eval_demo(args: argparse.Namespace) -> None:
+    from branchwise.models.demo import resolve
+    from branchwise.train.eval import eval_demo
+
+    print(json.dumps(eval_demo(resolve(args.model), args.tasks, args.device, args.strategy), indent=2))
 
 
 def time_tag() -> str:
@@ -139,6 +156,20 @@ def main(argv: list[str] | None = None) -> None:
     online.add_argument("--seed", type=int, default=0)
     online.add_argument("--out", default=None, help="JSON results file")
     online.set_defaults(func=cmd_bench_serve)
+
+    train = sub.add_parser("train", help="training").add_subparsers(dest="train", required=True)
+    demo = train.add_parser("demo", help="train the embedded demo model and its draft model from scratch")
+    demo.add_argument("--minutes", type=float, default=55.0, help="wall-clock budget for both models")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default=None, help="output folder (default: branchwise/assets/demo)")
+    demo.set_defaults(func=cmd_train_demo)
+    ev = train.add_parser("eval-demo", help="accuracy of the demo model on held-out tasks")
+    ev.add_argument("--model", default="demo")
+    ev.add_argument("--tasks", type=int, default=200)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--strategy", default=None)
+    ev.set_defaults(func=cmd_eval_demo)
 
     args = parser.parse_args(argv)
     args.func(args)

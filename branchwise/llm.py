@@ -83,6 +83,7 @@ def _merge(out: RequestOutput, u: SeqUpdate) -> None:
         c.logprobs = (c.logprobs or []) + u.logprobs
     c.finish_reason = u.finish_reason or c.finish_reason
     c.num_draft_steps, c.num_drafted, c.num_accepted = u.num_draft_steps, u.num_drafted, u.num_accepted
+    c.num_forced = u.num_forced
     out.usage = {
         "prompt_tokens": u.num_prompt_tokens,
         "completion_tokens": sum(len(x.token_ids) for x in out.outputs),

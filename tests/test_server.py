@@ -340,3 +340,75 @@ def test_per_request_speculative_strategy_reports_its_usage_and_metrics(server, 
     spec = r.usage.model_extra["spec_decode"]
     assert spec["num_drafts"] > 0 and spec["num_draft_tokens"] >= spec["num_accepted_tokens"]
     assert metric(server[0], "branchwise:spec_decode_num_drafts_total") >= spec["num_drafts"]
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_and_json_object_round_trip(client):
+    import json
+
+    import jsonschema
+
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Alice is 31. Extract name and age as JSON."}]
+    r = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=80,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "p", "schema": PERSON, "strict": True},
+        },
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    assert r.usage.model_extra["structured_output_forced_tokens"] > 0
+    r = client.completions.create(
+        model=model,
+        prompt="data = ",
+        max_tokens=120,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_object"}, "guided_json": None},
+    )
+    assert r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].text), dict)
+
+
+def test_vllm_structured_outputs_and_guided_fields(client):
+    model = client.models.list().data[0].id
+    r = client.completions.create(
+        model=model, prompt="x", max_tokens=10, extra_body={"guided_choice": ["alpha", "beta"]}
+    )
+    assert r.choices[0].text in ("alpha", "beta")
+    r = client.completions.create(
+        model=model, prompt="x", max_tokens=20, extra_body={"structured_outputs": {"regex": "[0-9]{4}"}}
+    )
+    assert len(r.choices[0].text) == 4 and r.choices[0].text.isdigit()
+
+
+def test_bad_schema_is_a_400_naming_the_keyword_and_lenient_mode_reports_it(server, client):
+    model = client.models.list().data[0].id
+    bad = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": bad}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="x", max_tokens=5, extra_body={"response_format": fmt})
+    assert "uniqueItems" in e.value.body["message"] and e.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(
+            model=model, prompt="x", extra_body={"guided_regex": "[0-9]+", "guided_choice": ["a"]}
+        )
+    fmt["json_schema"]["lenient"] = True
+    r = httpx.post(
+        server[0] + "/v1/completions",
+        json={"prompt": "x", "max_tokens": 30, "response_format": fmt},
+    ).json()
+    assert r["structured_output"]["lenient"] is True
+    assert any("uniqueItems" in w for w in r["structured_output"]["not_enforced"])
+    wait_until_free(server[0])

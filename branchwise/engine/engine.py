@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 
 from branchwise.config import EngineConfig
+from branchwise.constraints import Constraint, Grammars
 from branchwise.engine import detokenizer
 from branchwise.engine.kv_cache import BlockManager, new_pool, pool_block_bytes
 from branchwise.engine.metrics import EngineMetrics
@@ -74,6 +75,7 @@ class LLMEngine:
         self.metrics.kv_total.labels(self.model_name).set(self.num_blocks)
         self._strategies: dict[str, Strategy] = {}
         self._strategy_lock = threading.Lock()
+        self._grammars: Grammars | None = None
         self.step_cost = CostModel()  # target forward + verification time vs tokens fed
         self.goodput = 0.0  # tokens committed per second of step, smoothed
         self.strategy(config.strategy)  # fail at start-up, not at the first request
@@ -117,6 +119,22 @@ class LLMEngine:
                 self._strategies[cls.name] = cls(self)
             return self._strategies[cls.name]
 
+    def grammars(self) -> Grammars:
+        """The model's grammar compiler (built on first use: llguidance reads the whole vocabulary)."""
+        with self._strategy_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            return self._grammars
+
+    def check_constraint(self, constraint: Constraint) -> list[str]:
+        """Compile (cached) a request's constraint: its warnings, or ValueError naming what is wrong."""
+        try:
+            return self.grammars().compile(constraint)[1]
+        except ValueError:
+            raise
+        except Exception as e:  # e.g. a tokenizer llguidance cannot read
+            raise ValueError(f"constraints are not available for this model: {e}") from e
+
     def stop_token_ids(self, seq: Sequence) -> set[int]:
         ids = set(seq.params.stop_token_ids)
         return ids if seq.params.ignore_eos else ids | self.eos_token_ids
@@ -154,6 +172,9 @@ class LLMEngine:
         state = strat.parse_params(strategy_params or {})
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.constraint is not None:
+            self.check_constraint(params.constraint)
+            self.metrics.constrained.labels(self.model_name).inc()
         seqs = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(62)
@@ -168,6 +189,8 @@ class LLMEngine:
                 generator=torch.Generator().manual_seed(seed),
             )
             seq.strategy_params = state
+            if params.constraint is not None:
+                seq.matcher = self.grammars().matcher(params.constraint)
             detokenizer.init_offsets(seq)
             seqs.append(seq)
         seqs[0].forks = seqs[1:]  # n > 1: one prefill, then the siblings fork off it
@@ -306,10 +329,34 @@ class LLMEngine:
             self._append(seq, token)
             if seq.params.logprobs is not None:
                 logprob_rows.append((seq, token, row))
-            if seq.finished:
+            if seq.finished or (seq.matcher is not None and not self._consume(seq, token)):
                 break
+        if seq.matcher is not None and not seq.finished:
+            self._jump_forward(seq)
         if not seq.finished:
             self.blocks.truncate(seq, seq.num_computed)
+
+    def _consume(self, seq: Sequence, token: int) -> bool:
+        """Commit a token to the sequence's grammar; False (and the sequence ends) when nothing may follow."""
+        if not seq.matcher.consume_token(token):
+            self._finish(seq, "error", f"grammar rejected a committed token: {seq.matcher.get_error()}")
+        elif seq.matcher.is_stopped():  # the grammar is complete (even under ignore_eos)
+            self._finish(seq, "stop")
+        return not seq.finished
+
+    def _jump_forward(self, seq: Sequence) -> None:
+        """Append the grammar's forced continuation: fed, not sampled, in the next forward."""
+        forced = seq.matcher.compute_ff_tokens()
+        left = (seq.params.max_tokens or self.max_model_len) - seq.num_output_tokens
+        forced = forced[: max(0, min(left, self.max_model_len - seq.num_tokens) - 1)]  # room to sample after
+        if not forced:
+            return
+        self.metrics.forced_tokens.labels(self.model_name).inc(len(forced))
+        seq.num_forced += len(forced)
+        for token in forced:
+            self._append(seq, token)
+            if seq.finished or not self._consume(seq, token):
+                return
 
     def _count_speculation(self, seq: Sequence, drafted: int, accepted: int) -> None:
         seq.num_draft_steps += 1
@@ -371,6 +418,7 @@ class LLMEngine:
         u.num_output_tokens = seq.num_output_tokens
         u.num_cached_prompt, u.num_drafted = seq.num_cached_prompt, seq.num_drafted
         u.num_accepted, u.num_draft_steps = seq.num_accepted, seq.num_draft_steps
+        u.num_forced = seq.num_forced
         return u
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:

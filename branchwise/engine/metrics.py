@@ -81,6 +81,19 @@ class EngineMetrics:
             s + ["position"],
             registry=r,
         )
+        self.constrained = Counter(
+            "branchwise:structured_output_requests", "Requests with a grammar constraint", m, registry=r
+        )
+        self.forced_tokens = Counter(
+            "branchwise:structured_output_forced_tokens", "Tokens appended by jump-forward", m, registry=r
+        )
+        self.mask_time = Histogram(
+            "branchwise:structured_output_mask_seconds",
+            "Time to compute a step's grammar masks",
+            m,
+            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+            registry=r,
+        )
         self.prefix_queries = Counter(
             "branchwise:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", m, registry=r
         )

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from branchwise.constraints import Constraint
+
 
 @dataclass
 class SamplingParams:
@@ -31,6 +33,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the top k
     skip_special_tokens: bool = True
+    constraint: Constraint | None = None  # a grammar the output must match (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -88,6 +91,7 @@ class Sequence:
     forks: list[Sequence] = field(default_factory=list)  # n > 1: siblings born when the prefill ends
     strategy_params: dict = field(default_factory=dict)  # the request's, as the strategy parsed them
     strategy_state: Any = None  # owned by the sequence's strategy; reset on preemption
+    matcher: Any = None  # llguidance matcher of params.constraint, advanced on committed tokens
     # detokenisation
     output_text: str = ""
     num_text_sent: int = 0
@@ -98,6 +102,7 @@ class Sequence:
     num_drafted: int = 0
     num_accepted: int = 0
     num_draft_steps: int = 0
+    num_forced: int = 0  # tokens appended by grammar jump-forward, not sampled
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -141,6 +146,7 @@ class SeqUpdate:
     num_drafted: int = 0
     num_accepted: int = 0
     num_draft_steps: int = 0
+    num_forced: int = 0
     error: str | None = None
 
 
@@ -154,6 +160,7 @@ class CompletionOutput:
     num_draft_steps: int = 0  # speculative steps, drafted and accepted tokens of this output
     num_drafted: int = 0
     num_accepted: int = 0
+    num_forced: int = 0  # tokens appended by grammar jump-forward
 
 
 @dataclass

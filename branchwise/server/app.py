@@ -85,6 +85,9 @@ def usage_of(choices: list[Choice], prompt_lens: list[int], n: int) -> dict:
             "acceptance_rate": accepted / drafted if drafted else 0.0,
             "mean_accepted_length": 1 + accepted / steps,
         }
+    forced = sum(c.last.num_forced for c in choices if c.last)
+    if forced:
+        usage["structured_output_forced_tokens"] = forced
     return usage
 
 
@@ -218,11 +221,23 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
             raise APIError(400, str(e)) from e
         return ids
 
-    def sampling(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling(req, max_tokens: int | None, logprobs: int | None) -> tuple[SamplingParams, dict]:
+        """The request's sampling params, and what the response reports about its constraint."""
         try:
-            return req.sampling_params(max_tokens, logprobs)
+            params = req.sampling_params(max_tokens, logprobs)
         except ValueError as e:
             raise APIError(400, str(e)) from e
+        param = None
+        try:
+            params.constraint, param = req.constraint()
+            if params.constraint is None:
+                return params, {}
+            warnings = engine.check_constraint(params.constraint)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from e
+        if params.constraint.lenient:  # an explicit opt-in: say what was not enforced
+            return params, {"structured_output": {"lenient": True, "not_enforced": warnings}}
+        return params, {}
 
     @lru_cache(maxsize=1 << 16)
     def token_text(token_id: int) -> str:
@@ -324,9 +339,10 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
             prompts = [list(p)]
         else:
             prompts = [list(x) for x in p]
-        params = sampling(req, req.max_tokens, req.logprobs)
+        params, report = sampling(req, req.max_tokens, req.logprobs)
         rids = submit(prompts, params, req)
         head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model_name}
+        head |= report
         prompt_lens = [len(x) for x in prompts]
 
         def chunk(c: Choice, u: SeqUpdate, offset: int) -> dict:
@@ -375,14 +391,14 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
         )
         prompt = tokenizer.encode(text, add_special_tokens=False)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling(req, req.max_completion_tokens or req.max_tokens, logprobs)
+        params, report = sampling(req, req.max_completion_tokens or req.max_tokens, logprobs)
         rids = submit([prompt], params, req)
         head = {
             "id": new_id("chatcmpl"),
             "object": "chat.completion.chunk",
             "created": now(),
             "model": model_name,
-        }
+        } | report
 
         def opening(index: int) -> dict:
             return head | {

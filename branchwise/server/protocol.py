@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from branchwise.constraints import Constraint
 from branchwise.engine.sequence import SamplingParams
 
 
@@ -47,6 +49,13 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     strategy: StrategyChoice | str | None = None
+    # constrained output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -62,6 +71,38 @@ class _SamplingFields(BaseModel):
         if self.strategy is None:
             return None, {}
         return self.strategy.name, self.strategy.params
+
+    def constraint(self) -> tuple[Constraint | None, str | None]:
+        """(the request's output constraint, the field it came from); ValueError if malformed."""
+        found: list[tuple[str, Constraint]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                found.append(("response_format", Constraint("json_object")))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema") or {}
+                if "schema" not in spec:
+                    raise ValueError("response_format.json_schema.schema is required")
+                lenient = bool(spec.get("lenient", False))
+                found.append(("response_format", Constraint.json_schema(spec["schema"], lenient)))
+            elif kind != "text":
+                raise ValueError(f"response_format type {kind!r} is not supported")
+        so = dict(self.structured_outputs or {})
+        lenient = bool(so.pop("lenient", False))
+        for key, value in so.items():
+            if value is None or value is False:
+                continue
+            if key not in STRUCTURED_KINDS:
+                raise ValueError(f"structured_outputs.{key} is not supported")
+            found.append((f"structured_outputs.{key}", _constraint(key, value, lenient)))
+        for key in STRUCTURED_KINDS:
+            value = getattr(self, f"guided_{key}", None)
+            if value is not None:
+                found.append((f"guided_{key}", _constraint(key, value, False)))
+        if len(found) > 1:
+            raise ValueError(f"give one output constraint, got {[name for name, _ in found]}")
+        return (found[0][1], found[0][0]) if found else (None, None)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -84,6 +125,26 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _constraint(kind: str, value: Any, lenient: bool) -> Constraint:
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"the JSON schema is not valid JSON: {e}") from e
+        return Constraint.json_schema(value, lenient)
+    if kind == "json_object":
+        return Constraint("json_object")
+    if kind == "choice":
+        return Constraint.choice(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{kind} must be a non-empty string")
+    return Constraint(kind, value)
 
 
 class CompletionRequest(_SamplingFields):

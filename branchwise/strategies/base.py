@@ -7,11 +7,13 @@ tokens' K/V to keep) that the engine commits: appending tokens, stop checks, rol
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from branchwise.constraints import unpack
 from branchwise.engine import sampler
 from branchwise.engine.sequence import Sequence
 
@@ -80,8 +82,11 @@ class Strategy:
         if any(p.draft_probs is not None for p in plans):
             probs = _stack_draft_probs(plans, out.logits.shape[-1], out.logits.device)
         stop_ids = [self.engine.stop_token_ids(s) for s in seqs]
+        allowed = None
+        if any(s.matcher is not None for s in seqs):
+            allowed = grammar_masks(self.engine, plans, out.logits.shape[-1], out.logits.device)
         num_acc, nxt = sampler.verify_chains(
-            out.logits, seqs, first, [p.drafts for p in plans], stop_ids, probs
+            out.logits, seqs, first, [p.drafts for p in plans], stop_ids, probs, allowed
         )
         verdicts = []
         for p, a, t, r in zip(plans, num_acc, nxt, first, strict=True):
@@ -104,3 +109,23 @@ def _stack_draft_probs(plans: list[Plan], vocab: int, device: torch.device) -> t
             else:
                 probs[b, : len(p.drafts)] = p.draft_probs
     return probs
+
+
+def grammar_masks(engine: LLMEngine, plans: list[Plan], vocab: int, device: torch.device) -> torch.Tensor:
+    """(B, K + 1, V) allowed tokens at every verified row, each with the matcher state *of that row*:
+    the matcher advances through the plan's drafts to build one mask per position, then rolls back."""
+    K = max(len(p.drafts) for p in plans)
+    constrained = [b for b, p in enumerate(plans) if p.seq.matcher is not None]
+    started = time.perf_counter()
+    bitmask = engine.grammars().masks(
+        [plans[b].seq.matcher for b in constrained], [plans[b].drafts for b in constrained]
+    )
+    engine.metrics.mask_time.labels(engine.model_name).observe(time.perf_counter() - started)
+    rows = unpack(bitmask, vocab, device)
+    allowed = torch.ones(len(plans), K + 1, vocab, dtype=torch.bool, device=device)
+    at = 0
+    for b in constrained:
+        n = len(plans[b].drafts) + 1
+        allowed[b, :n] = rows[at : at + n]
+        at += n
+    return allowed

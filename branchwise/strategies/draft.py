@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from branchwise.constraints import unpack
 from branchwise.engine import sampler
 from branchwise.engine.kv_cache import new_pool
 from branchwise.engine.model_runner import ForwardOutput, ModelRunner
@@ -59,10 +60,13 @@ class DraftStrategy(SpeculativeStrategy):
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, k in enumerate(want) if k > 0]
+        consumed = [0] * len(seqs)  # drafted tokens each matcher advanced through
         if active:
             self.num_drafting = len(active)
         for depth in range(max((want[i] for i in active), default=0)):
             idx = [i for i in active if want[i] > depth]
+            if not idx:  # every chain still going has met the end of its grammar
+                break
             plans = []
             for i in idx:
                 seq, st = seqs[i], self.state(seqs[i])
@@ -74,7 +78,10 @@ class DraftStrategy(SpeculativeStrategy):
             started = time.perf_counter()
             out = self.runner.forward(plans)
             group = [seqs[i] for i in idx]
-            q = sampler.target_probs(out.logits[:, None], group)[:, 0]
+            logits = out.logits
+            if any(s.matcher is not None for s in group):  # draft only what the grammar allows
+                logits = self._mask(logits, group)
+            q = sampler.target_probs(logits[:, None], group)[:, 0]
             u = torch.tensor(
                 [0.5 if s.params.greedy else float(torch.rand(1, generator=s.generator)) for s in group]
             )
@@ -83,6 +90,14 @@ class DraftStrategy(SpeculativeStrategy):
             for j, i in enumerate(idx):
                 drafts[i].append(tokens[j])
                 probs[i].append(q[j])
+                matcher = seqs[i].matcher
+                if matcher is not None:  # advanced through the draft here, rolled back below
+                    consumed[i] += matcher.consume_token(tokens[j])
+                    if matcher.is_stopped():
+                        want[i] = depth + 1  # the grammar ends here: nothing to draft after it
+        for seq, n in zip(seqs, consumed, strict=True):
+            if n:
+                seq.matcher.rollback(n)
         plans = []
         for seq, d, q in zip(seqs, drafts, probs, strict=True):
             pending = seq.token_ids[seq.num_computed :]
@@ -90,6 +105,15 @@ class DraftStrategy(SpeculativeStrategy):
             q_t = torch.stack(q) if d and not seq.params.greedy else None
             plans.append(Plan(seq, pending + d, num_logits=len(d) + 1, drafts=d, draft_probs=q_t))
         return plans
+
+    def _mask(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        constrained = [j for j, s in enumerate(seqs) if s.matcher is not None]
+        bitmask = self.engine.grammars().masks(
+            [seqs[j].matcher for j in constrained], [[]] * len(constrained)
+        )
+        allowed = torch.ones_like(logits, dtype=torch.bool)
+        allowed[constrained] = unpack(bitmask, logits.shape[-1], logits.device)
+        return logits.masked_fill(~allowed, float("-inf"))
 
     def verify(self, plans: list[Plan], out: ForwardOutput) -> list[Verdict]:
         verdicts = super().verify(plans, out)

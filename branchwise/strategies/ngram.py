@@ -37,6 +37,8 @@ class NgramStrategy(SpeculativeStrategy):
         plans = []
         for seq, budget in zip(seqs, budgets, strict=True):
             drafts = lookup(seq.token_ids, budget - 1) if budget > 1 else []
+            if drafts and seq.matcher is not None:  # cut at the first token the grammar forbids
+                drafts = drafts[: seq.matcher.validate_tokens(drafts)]
             pending = seq.token_ids[seq.num_computed :]
             plans.append(Plan(seq, pending + drafts, num_logits=len(drafts) + 1, drafts=drafts))
         return plans

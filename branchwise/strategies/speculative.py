@@ -61,7 +61,9 @@ class SpeculativeStrategy(Strategy):
         """`num_speculative_tokens`: a fixed number of drafted tokens for this request (no adaptation)."""
         unknown = set(params) - {"num_speculative_tokens"}
         if unknown:
-            raise ValueError(f"strategy '{self.name}' takes only num_speculative_tokens, got {sorted(unknown)}")
+            raise ValueError(
+                f"strategy '{self.name}' takes only num_speculative_tokens, got {sorted(unknown)}"
+            )
         k = params.get("num_speculative_tokens")
         if k is not None and not (isinstance(k, int) and 0 <= k <= 16):
             raise ValueError("num_speculative_tokens must be an integer in [0, 16]")

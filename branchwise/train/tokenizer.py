@@ -24,12 +24,22 @@ def stdlib_files(limit: int | None = None) -> list[Path]:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None
+    texts: Iterable[str], vocab_size: int, added_tokens: list[str] | None = None, split_digits: bool = False
 ) -> PreTrainedTokenizerFast:
-    """A ChatML byte-level BPE tokenizer; `<|im_end|>` ends a turn and is the EOS token."""
-    special = SPECIAL_TOKENS + [t for t in (special_tokens or []) if t not in SPECIAL_TOKENS]
+    """A ChatML byte-level BPE tokenizer; `<|im_end|>` ends a turn and is the EOS token.
+
+    added_tokens: kept whole and shown in decoded text (unlike the chat's special tokens).
+    split_digits: every digit its own token (arithmetic is learnable digit by digit).
+    """
+    special = SPECIAL_TOKENS
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -42,4 +52,6 @@ def train_tokenizer(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
     )
     fast.chat_template = CHAT_TEMPLATE
+    if added_tokens:
+        fast.add_tokens(added_tokens)
     return fast

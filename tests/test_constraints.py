@@ -1,0 +1,216 @@
+"""Grammar constraints (llguidance): outputs always validate, with every strategy, and stay lossless."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import llguidance
+import llguidance.torch
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from branchwise import LLM, SamplingParams
+from branchwise.constraints import Constraint
+from branchwise.models.loader import load_tokenizer
+
+# strings and numbers are bounded so that even a random model finishes within max_tokens
+SCHEMAS = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "person": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 6},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                },
+                "required": ["name", "age"],
+                "additionalProperties": False,
+            },
+            "ok": {"type": "boolean"},
+        },
+        "required": ["person", "ok"],
+        "additionalProperties": False,
+    },
+    "array_bounds_enum": {
+        "type": "array",
+        "items": {"enum": ["red", "green", "blue"]},
+        "minItems": 2,
+        "maxItems": 4,
+    },
+    "number_bounds": {
+        "type": "object",
+        "properties": {
+            "price": {"type": "number", "minimum": 0, "maximum": 99, "multipleOf": 0.5},
+            "count": {"type": "integer", "exclusiveMinimum": 3, "maximum": 9},
+        },
+        "required": ["price", "count"],
+        "additionalProperties": False,
+    },
+    "pattern_format": {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+            "day": {"type": "string", "format": "date"},
+        },
+        "required": ["code", "day"],
+        "additionalProperties": False,
+    },
+    "optional_fields": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 1, "maximum": 999},
+            "note": {"type": "string", "maxLength": 5},
+        },
+        "required": ["id"],
+        "additionalProperties": False,
+    },
+    "any_of": {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": 50},
+            {
+                "type": "object",
+                "properties": {"tag": {"enum": ["x", "y"]}},
+                "required": ["tag"],
+                "additionalProperties": False,
+            },
+        ]
+    },
+    "refs": {
+        "$defs": {
+            "point": {
+                "type": "object",
+                "properties": {
+                    "x": {"type": "integer", "minimum": -9, "maximum": 9},
+                    "y": {"type": "integer", "minimum": -9, "maximum": 9},
+                },
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            }
+        },
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"$ref": "#/$defs/point"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory, tiny_llama) -> str:
+    """A random model whose second layer adds little, so its first layer alone is a fair draft."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    for proj in (model.model.layers[1].self_attn.o_proj, model.model.layers[1].mlp.down_proj):
+        proj.weight.data *= 0.3
+    path = tmp_path_factory.mktemp("ctarget")
+    model.save_pretrained(path)
+    load_tokenizer(tiny_llama).save_pretrained(path)
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    model.save_pretrained(path / "draft")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llm(target) -> LLM:
+    return LLM(target, draft_model=target + "/draft", max_num_batched_tokens=512)
+
+
+def texts(llm: LLM, prompts, params, strategy: str, **strategy_params) -> list:
+    outs = llm.generate(prompts, params, strategy=strategy, strategy_params=strategy_params or None)
+    return [c for o in outs for c in o.outputs]
+
+
+@pytest.mark.parametrize("strategy", ["ar", "draft", "ngram"])
+def test_every_output_validates_with_every_strategy_greedy_and_sampled(llm, prompts, strategy):
+    for name, schema in SCHEMAS.items():
+        constraint = Constraint.json_schema(schema)
+        for temperature in (0.0, 1.0):
+            params = SamplingParams(temperature=temperature, max_tokens=200, constraint=constraint, seed=3)
+            for out in texts(llm, prompts[:4], params, strategy):
+                assert out.finish_reason == "stop", (name, out.text)
+                jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_constrained_greedy_is_the_same_for_every_strategy(llm, prompts):
+    for schema in (SCHEMAS["nested"], SCHEMAS["refs"], SCHEMAS["array_bounds_enum"]):
+        params = SamplingParams(temperature=0, max_tokens=200, constraint=Constraint.json_schema(schema))
+        ar = [o.token_ids for o in texts(llm, prompts[:8], params, "ar")]
+        for strategy in ("draft", "ngram"):
+            for k in (1, 4):
+                outs = texts(llm, prompts[:8], params, strategy, num_speculative_tokens=k)
+                assert [o.token_ids for o in outs] == ar
+
+
+def test_regex_choice_and_lark_grammars(llm, prompts):
+    cases = [
+        (Constraint("regex", r"[a-c]{2,5}-[0-9]{3}"), r"^[a-c]{2,5}-[0-9]{3}$"),
+        (Constraint.choice(["yes", "no", "maybe"]), r"^(yes|no|maybe)$"),
+        (
+            Constraint("grammar", 'start: "(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,2}/'),
+            r"^\(\d{1,2}(,\d{1,2})*\)$",
+        ),
+    ]
+    import re
+
+    for constraint, pattern in cases:
+        for strategy in ("ar", "ngram"):
+            params = SamplingParams(temperature=1.0, max_tokens=60, constraint=constraint, seed=1)
+            for out in texts(llm, prompts[:4], params, strategy):
+                assert re.match(pattern, out.text), (constraint.kind, out.text)
+
+
+def test_jump_forward_appends_forced_tokens_without_sampling(llm, prompts):
+    schema = SCHEMAS["refs"]  # keys and punctuation are fixed: most tokens are forced
+    params = SamplingParams(temperature=0, max_tokens=200, constraint=Constraint.json_schema(schema))
+    out = texts(llm, prompts[:2], params, "ar")
+    assert all(o.num_forced > len(o.token_ids) / 2 for o in out)
+    forced = [m for m in llm.engine.metrics.registry.collect() if m.name.endswith("forced_tokens")]
+    assert sum(s.value for m in forced for s in m.samples if s.name.endswith("_total")) > 0
+
+
+def test_rejected_drafts_leave_the_matcher_as_before(llm, prompts):
+    """After every step the matcher's state equals a fresh matcher fed exactly the committed output."""
+    engine = llm.engine
+    grammars = engine.grammars()
+    constraint = Constraint.json_schema(SCHEMAS["nested"])
+    params = SamplingParams(temperature=1.0, max_tokens=200, constraint=constraint, seed=5)
+    for i, p in enumerate(prompts[:6]):
+        engine.add_request(f"rb{i}", p, params, ["draft", "ngram"][i % 2], {"num_speculative_tokens": 4})
+    rejected = 0
+    while engine.has_unfinished():
+        for u in engine.step():
+            rejected += u.num_drafted - u.num_accepted
+        for seq in engine.scheduler.running:
+            fresh = grammars.matcher(constraint)
+            assert fresh.consume_tokens(seq.output_token_ids)
+            assert torch.equal(grammars.masks([seq.matcher], [[]]), grammars.masks([fresh], [[]]))
+    assert rejected > 0
+
+
+def test_bad_or_unenforceable_schemas_are_refused_naming_the_keyword(llm, prompts):
+    for schema, word in (({"type": "string", "not": {"const": "a"}}, "not"), ({"type": "wat"}, "wat")):
+        with pytest.raises(ValueError, match=word):
+            llm.generate(prompts[0], SamplingParams(constraint=Constraint.json_schema(schema)))
+    lenient = Constraint.json_schema(
+        {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, True
+    )
+    assert "uniqueItems" in " ".join(llm.engine.check_constraint(lenient))
+    assert llm.engine.blocks.num_free == llm.engine.num_blocks
+
+
+def test_masks_for_a_draft_follow_the_matcher_through_it(llm):
+    """Row i of a drafted chain's masks is the mask after the first i drafted tokens (not row 0 again)."""
+    grammars = llm.engine.grammars()
+    matcher = grammars.matcher(Constraint("regex", r"ab(c|d)"))
+    ids = llm.tokenizer.encode("ab", add_special_tokens=False)
+    masks = grammars.masks([matcher], [ids])
+    for i in range(len(ids) + 1):
+        step = llguidance.LLMatcher(grammars.tokenizer, grammars.compile(Constraint("regex", r"ab(c|d)"))[0])
+        assert step.consume_tokens(ids[:i])
+        want = llguidance.torch.allocate_token_bitmask(1, grammars.vocab_size)
+        llguidance.torch.fill_next_token_bitmask(step, want)
+        assert torch.equal(masks[i], want[0])
+    assert not torch.equal(masks[0], masks[-1])
