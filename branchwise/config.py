@@ -34,6 +34,7 @@ class EngineConfig(BaseModel):
         5, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
     )
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
+    prefix_cache: bool = Field(True, description="share the KV blocks of common prompt prefixes")
 
 
 class ServerConfig(EngineConfig):

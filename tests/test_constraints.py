@@ -198,7 +198,7 @@ def test_bad_or_unenforceable_schemas_are_refused_naming_the_keyword(llm, prompt
         {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, True
     )
     assert "uniqueItems" in " ".join(llm.engine.check_constraint(lenient))
-    assert llm.engine.blocks.num_free == llm.engine.num_blocks
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks
 
 
 def test_masks_for_a_draft_follow_the_matcher_through_it(llm):

@@ -96,7 +96,7 @@ def test_n_samples_fork_one_prefill_and_each_follows_its_own_seed(tiny_llama, pr
         )
         assert c.token_ids == single[0].outputs[0].token_ids
     assert len({tuple(c.token_ids) for c in out.outputs}) == 3
-    assert llm.engine.blocks.num_free == llm.engine.num_blocks
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks
 
 
 def test_logprobs_match_log_softmax_of_the_model_logits(tiny_qwen2, prompts):
@@ -123,7 +123,7 @@ def test_preemption_under_a_small_kv_pool_keeps_every_output(tiny_llama, prompts
     batched = [o.outputs[0].token_ids for o in small.generate(prompts[:8], params)]
     assert small.engine.scheduler.num_preemptions > 0
     assert batched == alone
-    assert small.engine.blocks.num_free == 24
+    assert small.engine.blocks.num_available == 24
 
 
 def test_every_block_returns_after_finish_and_abort(tiny_llama, prompts):
@@ -145,8 +145,11 @@ def test_every_block_returns_after_finish_and_abort(tiny_llama, prompts):
                 reasons[(u.request_id, u.index)] = u.finish_reason
     assert {r for (rid, _), r in reasons.items() if int(rid) % 2 == 0} == {"abort"}
     assert {r for (rid, _), r in reasons.items() if int(rid) % 2 == 1} == {"length"}
-    assert engine.blocks.num_free == engine.num_blocks
-    assert all(c == 0 for c in engine.blocks.ref_counts)
+    assert engine.blocks.num_available == engine.num_blocks
+    # every block is free or held by the prefix cache alone; evicting the cache frees them all
+    assert all(c == (b in engine.blocks.cached) for b, c in enumerate(engine.blocks.ref_counts))
+    engine.prefix_cache.evict(engine.num_blocks)
+    assert engine.blocks.num_free == engine.num_blocks and not any(engine.blocks.ref_counts)
 
 
 def test_request_validation_rejects_bad_input(tiny_llama):

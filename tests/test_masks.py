@@ -109,7 +109,7 @@ def test_tree_nodes_score_like_causal_decoding_of_their_paths(tiny_qwen2, prompt
         ref = model(torch.tensor([prefix + path])).logits[0, -1]
         assert torch.allclose(tree_logits[node], ref, atol=1e-4), node
     engine.blocks.free(seq)
-    assert engine.blocks.num_free == engine.num_blocks
+    assert engine.blocks.num_available == engine.num_blocks
 
 
 def test_isolated_paths_in_one_sequence_equal_separate_sequences(tiny_llama, prompts):

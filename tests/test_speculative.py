@@ -73,7 +73,7 @@ def test_draft_greedy_equals_autoregressive_for_every_k(draft, request, target, 
             assert max(accepted) > 0.3 and max(accepted) - min(accepted) > 0.1
         else:
             assert max(accepted) < 0.2
-    assert llm.engine.blocks.num_free == llm.engine.num_blocks
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks
 
 
 def test_ngram_greedy_equals_autoregressive_for_every_k(tiny_llama, prompts):
@@ -155,7 +155,7 @@ def test_rollback_leaves_both_caches_as_if_rejected_drafts_never_ran(tiny_llama,
     """A draft identical to the target, with a repetition penalty only the target applies: drafts get
     rejected, and after every step the draft pool holds exactly the target pool's K/V over the tokens
     it claims (stale K/V of a rejected draft would differ), and no block is held beyond them."""
-    llm = LLM(tiny_llama, draft_model=tiny_llama)
+    llm = LLM(tiny_llama, draft_model=tiny_llama, prefix_cache=False)  # blocks held = blocks used
     engine = llm.engine
     bs = engine.config.block_size
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3)
@@ -180,7 +180,7 @@ def test_rollback_leaves_both_caches_as_if_rejected_drafts_never_ran(tiny_llama,
         assert engine.blocks.num_free == engine.num_blocks - held
     assert [got[f"r{i}"] for i in range(4)] == [o.token_ids for o in ref]
     assert all(0 < accepted < drafted for drafted, accepted in spec.values())  # rollbacks happened
-    assert engine.blocks.num_free == engine.num_blocks
+    assert engine.blocks.num_available == engine.num_blocks
 
 
 def test_ngram_lookup_takes_the_latest_longest_match():

@@ -18,6 +18,7 @@ from branchwise.engine import detokenizer
 from branchwise.engine.kv_cache import BlockManager, new_pool, pool_block_bytes
 from branchwise.engine.metrics import EngineMetrics
 from branchwise.engine.model_runner import ForwardOutput, ModelRunner
+from branchwise.engine.prefix_cache import PrefixCache
 from branchwise.engine.sampler import logprobs_of
 from branchwise.engine.scheduler import Scheduler
 from branchwise.engine.sequence import SamplingParams, Sequence, SeqUpdate, Status
@@ -68,6 +69,9 @@ class LLMEngine:
             log.warning("max_model_len lowered to %d: the KV cache holds no more", self.max_model_len)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
         self.scheduler.on_preempt = self._on_preempt
+        self.prefix_cache = PrefixCache(self.blocks) if config.prefix_cache else None
+        self.scheduler.prefix_cache = self.prefix_cache
+        self.scheduler.on_cache_hit = self._on_cache_hit
         if not config.enforce_eager:
             self.runner.capture_graphs(config.max_num_batched_tokens, -(-self.max_model_len // bs))
 
@@ -273,6 +277,7 @@ class LLMEngine:
                 groups[p.seq.strategy].append(p)
             else:
                 p.seq.num_computed += len(p.tokens)  # a prefill chunk short of the prompt's end
+                self._cache(p.seq)
         logprob_rows: list[tuple[Sequence, int, int]] = []
         for name, group in groups.items():
             try:
@@ -335,6 +340,21 @@ class LLMEngine:
             self._jump_forward(seq)
         if not seq.finished:
             self.blocks.truncate(seq, seq.num_computed)
+            self._cache(seq)
+
+    def _cache(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed full blocks to the prefix cache."""
+        full = seq.num_computed // self.blocks.block_size
+        if self.prefix_cache is not None and full > seq.num_cached_blocks:
+            self.prefix_cache.insert(seq)
+            seq.num_cached_blocks = full
+
+    def _on_cache_hit(self, seq: Sequence, num_tokens: int) -> None:
+        if seq.num_output_tokens == 0:  # a first admission, not a preempted sequence coming back
+            seq.num_cached_prompt = num_tokens
+            self.metrics.prefix_queries.labels(self.model_name).inc(seq.num_prompt_tokens)
+            self.metrics.prefix_hits.labels(self.model_name).inc(num_tokens)
+        seq.num_cached_blocks = num_tokens // self.blocks.block_size
 
     def _consume(self, seq: Sequence, token: int) -> bool:
         """Commit a token to the sequence's grammar; False (and the sequence ends) when nothing may follow."""
@@ -425,6 +445,8 @@ class LLMEngine:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
+        if self.prefix_cache is not None and seq.block_table:
+            self.prefix_cache.insert(seq)
         self.blocks.free(seq)
         seq.strategy_state = None
         update = self._update(seq)
@@ -453,8 +475,8 @@ class LLMEngine:
         m, name = self.metrics, self.model_name
         m.running.labels(name).set(len(self.scheduler.running))
         m.waiting.labels(name).set(len(self.scheduler.waiting))
-        m.kv_free.labels(name).set(self.blocks.num_free)
-        m.kv_usage.labels(name).set(1 - self.blocks.num_free / self.num_blocks)
+        m.kv_free.labels(name).set(self.blocks.num_available)
+        m.kv_usage.labels(name).set(1 - self.blocks.num_available / self.num_blocks)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:

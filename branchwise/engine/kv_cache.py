@@ -51,30 +51,38 @@ class BlockManager:
         self.pools: list[torch.Tensor] = []
         # Set by the prefix cache: frees up to n unreferenced cached blocks, returns how many it freed.
         self.evict: Callable[[int], int] | None = None
+        self.cached: set[int] = set()  # blocks the prefix cache holds a reference to
+        self.num_idle_cached = 0  # cached blocks nothing else references (reusable after eviction)
 
     @property
     def num_free(self) -> int:
         return len(self.free_blocks)
 
-    def num_evictable(self) -> int:
-        return 0 if self.evict is None else self.evict(0)
+    @property
+    def num_available(self) -> int:
+        """Free blocks plus cached blocks that no sequence holds (what `kv_cache_free_blocks` reports)."""
+        return len(self.free_blocks) + self.num_idle_cached
 
     # -- block ids --------------------------------------------------------------------------------
     def _take(self) -> int:
         if not self.free_blocks and self.evict is not None:
-            self.evict(1)
+            self.evict(16)  # a batch: each eviction scans the cache
         block = self.free_blocks.popleft()
         self.ref_counts[block] = 1
         return block
 
     def incref(self, block: int) -> None:
         self.ref_counts[block] += 1
+        if self.ref_counts[block] == 2 and block in self.cached:
+            self.num_idle_cached -= 1
 
     def decref(self, block: int) -> None:
         self.ref_counts[block] -= 1
         assert self.ref_counts[block] >= 0, f"block {block} freed twice"
         if self.ref_counts[block] == 0:
             self.free_blocks.append(block)
+        elif self.ref_counts[block] == 1 and block in self.cached:
+            self.num_idle_cached += 1
 
     # -- sequences --------------------------------------------------------------------------------
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:

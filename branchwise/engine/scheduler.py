@@ -3,7 +3,8 @@
 There is no prefill or decode phase: every running sequence catches its computed tokens up to its total,
 in chunks of at most the step's remaining token budget (chunked prefill); a decode-ready sequence feeds its
 one pending token plus whatever its strategy drafts. Running sequences go first, in arrival order; when
-KV blocks run out the most recently admitted one is preempted (its blocks freed, recomputed later).
+KV blocks run out the most recently admitted one is preempted (its blocks freed, recomputed later). A
+sequence admitted from the queue first shares the blocks of its longest cached prefix (prefix cache).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 from branchwise.config import EngineConfig
 from branchwise.engine.kv_cache import BlockManager
+from branchwise.engine.prefix_cache import PrefixCache
 from branchwise.engine.sequence import Sequence, Status
 
 
@@ -26,6 +28,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.on_preempt: Callable[[Sequence], None] = lambda seq: None
+        self.prefix_cache: PrefixCache | None = None
+        self.on_cache_hit: Callable[[Sequence, int], None] = lambda seq, num_tokens: None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -42,6 +46,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        if self.prefix_cache is not None:  # its computed blocks stay cached: recompute may hit them
+            self.prefix_cache.insert(seq)
         self.blocks.free(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
@@ -77,8 +83,12 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + 1 + len(seq.forks) > self.max_num_seqs:
                 break
+            if self.prefix_cache is not None and not seq.block_table:
+                self.on_cache_hit(seq, self.prefix_cache.attach(seq))
             want = min(budget, seq.num_pending)
             if not self.blocks.can_allocate(seq, seq.num_computed + want):
+                self.blocks.free(seq)  # let go of the cached blocks while it waits
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
             self.running.append(seq)

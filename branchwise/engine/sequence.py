@@ -104,6 +104,7 @@ class Sequence:
     num_draft_steps: int = 0
     num_forced: int = 0  # tokens appended by grammar jump-forward, not sampled
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache
+    num_cached_blocks: int = 0  # leading blocks already offered to the prefix cache
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None
