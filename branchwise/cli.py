@@ -96,6 +96,24 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_bench_offline(args: argparse.Namespace) -> None:
+    from branchwise.bench.offline import bench_offline, format_table
+
+    result = bench_offline(
+        args.model,
+        tuple(args.strategies.split(",")),
+        tuple(int(b) for b in args.batch_sizes.split(",")),
+        args.dataset,
+        args.max_tokens,
+        args.draft_model,
+        args.device,
+        not args.no_baselines,
+        args.out,
+    )
+    print(format_table(result))
+    print(f"wrote {result['json_path']} and {result['png_path']}")
+
+
 def cmd_train_demo(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -156,6 +174,18 @@ def main(argv: list[str] | None = None) -> None:
     online.add_argument("--seed", type=int, default=0)
     online.add_argument("--out", default=None, help="JSON results file")
     online.set_defaults(func=cmd_bench_serve)
+
+    offline = bench.add_parser("offline", help="every strategy and the transformers baselines, in-process")
+    offline.add_argument("--model", default="demo")
+    offline.add_argument("--draft-model", default=None)
+    offline.add_argument("--strategies", default="ar,draft,ngram,multiverse")
+    offline.add_argument("--batch-sizes", default="1,8,32")
+    offline.add_argument("--dataset", default="chat", help="code|extraction|arithmetic|chat or a JSONL file")
+    offline.add_argument("--max-tokens", type=int, default=128)
+    offline.add_argument("--device", default="auto")
+    offline.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
+    offline.add_argument("--out", default=None, help="JSON results file (the PNG goes beside it)")
+    offline.set_defaults(func=cmd_bench_offline)
 
     train = sub.add_parser("train", help="training").add_subparsers(dest="train", required=True)
     demo = train.add_parser("demo", help="train the embedded demo model and its draft model from scratch")

@@ -28,7 +28,8 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=16)
     strategy: str = Field("ar", description="default decoding strategy; requests may override it")
     draft_model: str | None = Field(
-        None, description="draft checkpoint of the 'draft' strategy (demo: the demo's own draft model)"
+        None,
+        description="draft checkpoint of the 'draft' strategy (default: a draft/ folder beside the model)",
     )
     num_speculative_tokens: int = Field(
         5, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"

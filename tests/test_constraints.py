@@ -214,3 +214,29 @@ def test_masks_for_a_draft_follow_the_matcher_through_it(llm):
         llguidance.torch.fill_next_token_bitmask(step, want)
         assert torch.equal(masks[i], want[0])
     assert not torch.equal(masks[0], masks[-1])
+
+
+def test_demo_model_extraction_validates_with_every_strategy():
+    import random
+
+    from branchwise.models.demo import ASSET_DIR
+    from branchwise.train.demo_data import extraction
+    from branchwise.train.eval import schema_of
+
+    demo = LLM(str(ASSET_DIR))
+    rng = random.Random(21)
+    jobs = [extraction(rng) for _ in range(12)]
+    prompts = [demo.chat_prompt([{"role": "user", "content": m}]) for m, _, _ in jobs]
+    for strategy in ("ar", "draft", "ngram"):
+        for temperature in (0.0, 1.0):
+            params = [
+                SamplingParams(
+                    temperature=temperature,
+                    max_tokens=120,
+                    seed=i,
+                    constraint=Constraint.json_schema(schema_of(f)),
+                )
+                for i, (_, _, f) in enumerate(jobs)
+            ]
+            for out, (_, _, fields) in zip(texts(demo, prompts, params, strategy), jobs, strict=True):
+                jsonschema.validate(json.loads(out.text), schema_of(fields))

@@ -6,8 +6,21 @@ import random
 
 import torch
 
+from branchwise import LLM, SamplingParams
+from branchwise.models.demo import ASSET_DIR
 from branchwise.train import demo
 from branchwise.train.demo_data import Encoder
+from branchwise.train.eval import eval_demo
+
+# a little below the model card's figures (branchwise/assets/demo/README.md: 200 tasks), here on 40 tasks;
+# arithmetic accuracy (5 % on the CPU-trained model) has no floor worth the name yet
+FLOORS = {
+    "parallel_structure_well_formed": 0.9,
+    "json_valid": 0.9,
+    "json_field_accuracy": 0.6,
+    "json_valid_constrained": 1.0,
+    "json_field_accuracy_constrained": 0.6,
+}
 
 
 def test_training_reduces_the_loss_in_a_few_steps(tmp_path):
@@ -46,3 +59,38 @@ def test_multiverse_paths_are_isolated_and_share_start_positions(tmp_path):
     # loss is not taken on the forced `<Path>k:` openers: their predecessor is not their context
     tags = set(tokenizer.convert_tokens_to_ids(["<Path>", "<Conclusion>"]))
     assert all(ex.loss[i] == 0 for i, t in enumerate(ex.ids) if t in tags)
+
+
+def test_shipped_demo_loads_through_the_standard_path_and_fits_the_budget():
+    from transformers import AutoModelForCausalLM
+
+    from branchwise.models import demo as demo_model
+    from branchwise.models.loader import load_tokenizer
+
+    assert demo_model.resolve("demo") == str(ASSET_DIR)
+    assert (ASSET_DIR / "model.safetensors").stat().st_size <= 16 * 2**20
+    target = AutoModelForCausalLM.from_pretrained(ASSET_DIR)
+    draft = AutoModelForCausalLM.from_pretrained(ASSET_DIR / "draft")
+    assert target.config.model_type == "llama" and draft.config.vocab_size == target.config.vocab_size
+    assert sum(p.numel() for p in draft.parameters()) < 0.2 * sum(p.numel() for p in target.parameters())
+    tokenizer = load_tokenizer(str(ASSET_DIR))
+    assert tokenizer.chat_template and all(t in tokenizer.get_vocab() for t in ("<Parallel>", "</Path>"))
+    assert (ASSET_DIR / "README.md").exists()
+
+
+def test_greedy_generation_on_a_fixed_prompt_is_deterministic():
+    params = SamplingParams(temperature=0, max_tokens=64)
+    runs = []
+    for _ in range(2):
+        llm = LLM()  # the default model is the shipped demo
+        prompt = llm.chat_prompt([{"role": "user", "content": "What is (12+7)*(30-4)?"}])
+        runs.append(llm.generate(prompt, params)[0].outputs[0].text)
+    assert runs[0] == runs[1]
+    assert runs[0].startswith("<Parallel>\n<Goal>\n<Outline>1: 12+7</Outline>")
+
+
+def test_eval_on_a_small_sample_meets_the_floor():
+    result = eval_demo(str(ASSET_DIR), n=40, device="cpu", code_files=1)
+    for key, floor in FLOORS.items():
+        assert result[key] >= floor, (key, result[key])
+    assert result["code_perplexity"] < 60

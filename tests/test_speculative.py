@@ -236,3 +236,41 @@ def test_speculation_metrics_count_drafts_and_accepted_per_position(llm_truncate
     ]
     assert any('strategy="draft"' in line and float(line.split()[-1]) > 0 for line in drafts)
     assert "branchwise:spec_decode_num_accepted_tokens_per_pos_total" in text
+
+
+def test_ngram_on_extraction_with_the_demo_model_accepts_more_than_two_tokens_per_step():
+    """Event extraction copies long spans of its prompt (names, dates digit by digit)."""
+    import random
+
+    from branchwise.models.demo import ASSET_DIR
+    from branchwise.train.demo_data import _event
+
+    llm = LLM(str(ASSET_DIR))
+    rng = random.Random(3)
+    messages = []
+    for _ in range(16):
+        sentence, fields = _event(rng)
+        messages.append(f"{sentence} Extract event, city and date as JSON.")
+    prompts = [llm.chat_prompt([{"role": "user", "content": m}]) for m in messages]
+    params = SamplingParams(temperature=0, max_tokens=80)
+    ar = [o.token_ids for o in outputs(llm, prompts, params, "ar")]
+    spec = outputs(llm, prompts, params, "ngram", num_speculative_tokens=8)
+    assert [o.token_ids for o in spec] == ar
+    steps = sum(o.num_draft_steps for o in spec)
+    assert 1 + sum(o.num_accepted for o in spec) / steps > 2
+
+
+def test_demo_draft_model_is_lossless_and_accepted(prompts):
+    from branchwise.models.demo import ASSET_DIR
+
+    llm = LLM()  # the demo model with its own draft model
+    assert llm.engine.draft_path == str(ASSET_DIR / "draft")
+    chats = [
+        llm.chat_prompt([{"role": "user", "content": m}])
+        for m in ("What is (3+4)*(9-2)?", "Compute (15-6)+(8*3).")
+    ]
+    params = SamplingParams(temperature=0, max_tokens=96)
+    ar = [o.token_ids for o in outputs(llm, chats, params, "ar")]
+    spec = outputs(llm, chats, params, "draft", num_speculative_tokens=4)
+    assert [o.token_ids for o in spec] == ar
+    assert sum(o.num_accepted for o in spec) > 0.3 * sum(o.num_drafted for o in spec)

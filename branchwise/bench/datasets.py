@@ -29,6 +29,39 @@ def code_prompts(n: int) -> list[str]:
     return prompts
 
 
+def write_datasets(n: int = 64, seed: int = 2026) -> None:
+    """The shipped prompt sets (`python -m branchwise.bench.datasets` regenerates them)."""
+    import random
+
+    from branchwise.train.demo_data import arithmetic, extraction
+    from branchwise.train.eval import schema_of
+
+    rng = random.Random(seed)
+    sets: dict[str, list[dict]] = {"code": [{"prompt": p} for p in code_prompts(n)]}
+    sets["extraction"] = []
+    for _ in range(n):
+        message, answer, fields = extraction(rng)
+        sets["extraction"].append(
+            {
+                "messages": [{"role": "user", "content": message}],
+                "schema": schema_of(fields),
+                "answer": answer,
+            }
+        )
+    sets["arithmetic"] = []
+    for _ in range(n):
+        message, _, _, answer = arithmetic(rng)
+        sets["arithmetic"].append({"messages": [{"role": "user", "content": message}], "answer": answer})
+    sets["chat"] = [
+        {"messages": [{"role": "user", "content": r["messages"][0]["content"]}]}
+        for pair in zip(sets["extraction"], sets["arithmetic"], strict=True)
+        for r in pair
+    ][:n]
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    for name, records in sets.items():
+        (DATA_DIR / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def load_records(dataset: str) -> list[dict]:
     """Records ({"prompt", optional "messages", "schema", "answer", ...}) of a named set or a JSONL file."""
     path = Path(dataset)
@@ -40,7 +73,11 @@ def load_records(dataset: str) -> list[dict]:
 
 
 def load_prompts(dataset: str | None, n: int) -> list[str]:
-    if dataset in (None, "code"):
-        return code_prompts(n)
-    records = load_records(dataset)
-    return [r["prompt"] for r in (records * (n // max(len(records), 1) + 1))[:n]]
+    """Plain-text prompts (records with `messages` give their last user message)."""
+    records = load_records(dataset or "code")
+    records = (records * (n // max(len(records), 1) + 1))[:n]
+    return [r["prompt"] if "prompt" in r else r["messages"][-1]["content"] for r in records]
+
+
+if __name__ == "__main__":
+    write_datasets()

@@ -48,7 +48,7 @@ class LLMEngine:
 
         # the draft model's weights load here so that its K/V pool counts in the memory budget; the
         # 'draft' strategy owns the pool and the draft forwards
-        draft_path = demo.resolve_draft(config.model, config.draft_model)
+        draft_path = demo.resolve_draft(self.model_path, config.draft_model)
         self.draft_path = draft_path
         self.draft_model = load_model(draft_path, self.dtype, self.device) if draft_path else None
         bs = config.block_size
@@ -275,9 +275,10 @@ class LLMEngine:
         for p in plans:
             if p.num_logits:
                 groups[p.seq.strategy].append(p)
-            else:
-                p.seq.num_computed += len(p.tokens)  # a prefill chunk short of the prompt's end
+            elif not p.seq.finished:  # a prefill chunk short of the prompt's end (or K/V-only tokens)
+                p.seq.num_computed += len(p.tokens)
                 self._cache(p.seq)
+                self.strategy(p.seq.strategy).on_commit(p.seq)
         logprob_rows: list[tuple[Sequence, int, int]] = []
         for name, group in groups.items():
             try:
@@ -310,6 +311,8 @@ class LLMEngine:
     def _commit(self, plan: Plan, verdict: Verdict, logprob_rows: list) -> None:
         """Keep the accepted K/V (compacting a tree path), append the new tokens, check stops."""
         seq = plan.seq
+        if seq.finished:  # ended earlier in this step (a Multiverse path whose request ended)
+            return
         keep = verdict.kv_keep
         if keep != list(range(len(keep))):
             src = self.blocks.slots(seq, plan.start, plan.start + len(plan.tokens))
@@ -322,7 +325,9 @@ class LLMEngine:
         if drafted > 0:
             self._count_speculation(seq, drafted, len(verdict.tokens) - 1)
         now = time.monotonic()
-        if seq.first_token_time is None:
+        if seq.branch_of is not None:  # hidden path: no latency metrics, no logprobs of its own
+            pass
+        elif seq.first_token_time is None:
             seq.first_token_time = now
             self.metrics.ttft.labels(self.model_name).observe(now - seq.arrival_time)
             if seq.index == 0:
@@ -332,7 +337,7 @@ class LLMEngine:
         seq.last_token_time = now
         for token, row in zip(verdict.tokens, verdict.logit_rows, strict=True):
             self._append(seq, token)
-            if seq.params.logprobs is not None:
+            if seq.params.logprobs is not None and seq.branch_of is None:
                 logprob_rows.append((seq, token, row))
             if seq.finished or (seq.matcher is not None and not self._consume(seq, token)):
                 break
@@ -341,6 +346,7 @@ class LLMEngine:
         if not seq.finished:
             self.blocks.truncate(seq, seq.num_computed)
             self._cache(seq)
+            self.strategy(seq.strategy).on_commit(seq)
 
     def _cache(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed full blocks to the prefix cache."""
@@ -389,9 +395,23 @@ class LLMEngine:
         for pos in range(accepted):
             self.metrics.spec_accepted_per_pos.labels(*labels, str(pos)).inc()
 
+    def new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    def append(self, seq: Sequence, token: int) -> None:
+        """Append a token that was not sampled (a strategy's forced or merged tokens), with stop checks."""
+        self._append(seq, token)
+
+    def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self._finish(seq, reason, error)
+
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         self.metrics.generation_tokens.labels(self.model_name).inc()
+        if seq.branch_of is not None:  # a hidden path: its text reaches the client when it merges
+            if token in self.stop_token_ids(seq) or seq.num_tokens >= self.max_model_len:
+                self._finish(seq, "stop" if seq.num_tokens < self.max_model_len else "length")
+            return
         update = self._update(seq)
         update.token_ids.append(token)
         text = detokenizer.detokenize_step(self.tokenizer, seq)
@@ -442,6 +462,13 @@ class LLMEngine:
         return u
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.branch_of is not None:  # a path cannot end its request alone: its root ends with it
+            root = seq.branch_of
+            while root.branch_of is not None:
+                root = root.branch_of
+            self._finish(root, reason, error)
+            return
+        self.strategy(seq.strategy).on_finish(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)

@@ -94,6 +94,9 @@ class EngineMetrics:
             buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
             registry=r,
         )
+        self.multiverse_paths = Counter(
+            "branchwise:multiverse_paths", "Parallel paths forked by the multiverse strategy", m, registry=r
+        )
         self.prefix_queries = Counter(
             "branchwise:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", m, registry=r
         )

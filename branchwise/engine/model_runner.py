@@ -73,7 +73,7 @@ class ModelRunner:
         starts = np.array([p.start for p in plans])
         kv = np.arange(query_start[-1]) - query_start[owner] + starts[owner]
         tables = np.zeros((len(plans), max(len(p.seq.block_table) for p in plans)), dtype=np.int64)
-        positions = kv.copy()
+        positions = kv + np.array([p.seq.position_offset for p in plans])[owner]
         logit_idx, r = [], 0
         for b, p in enumerate(plans):
             tables[b, : len(p.seq.block_table)] = p.seq.block_table

@@ -58,7 +58,8 @@ class PrefixCache:
     def insert(self, seq: Sequence) -> None:
         """Adopt seq's full blocks of computed tokens (where the tree has none for that prefix yet)."""
         node, now = self.root, next(self._clock)
-        for j in range(seq.num_computed // self.bs):
+        limit = seq.num_computed if seq.max_cacheable is None else min(seq.num_computed, seq.max_cacheable)
+        for j in range(limit // self.bs):
             key = tuple(seq.token_ids[j * self.bs : (j + 1) * self.bs])
             child = node.children.get(key)
             if child is None:

@@ -92,6 +92,9 @@ class Sequence:
     strategy_params: dict = field(default_factory=dict)  # the request's, as the strategy parsed them
     strategy_state: Any = None  # owned by the sequence's strategy; reset on preemption
     matcher: Any = None  # llguidance matcher of params.constraint, advanced on committed tokens
+    branch_of: Sequence | None = None  # a Multiverse path: a hidden sequence its parent merges back
+    position_offset: int = 0  # position = KV index + offset (after merged parallel paths)
+    max_cacheable: int | None = None  # tokens whose K/V a later request may reuse (None: all)
     # detokenisation
     output_text: str = ""
     num_text_sent: int = 0

@@ -15,7 +15,8 @@ TINY_CACHE = Path(os.environ.get("BRANCHWISE_CACHE", Path.home() / ".cache" / "b
 def resolve(model: str) -> str:
     """A checkpoint folder or hub id for `model`; 'demo' is the model shipped in the package.
 
-    Until a trained demo model is shipped, 'demo' is a tiny random model built offline on first use.
+    (A source tree without branchwise/assets/demo, e.g. before `branchwise train demo` ran, gets a tiny
+    random model built offline instead, so the path still works.)
     """
     if model != "demo":
         return model
@@ -29,10 +30,11 @@ def resolve(model: str) -> str:
     return str(TINY_CACHE)
 
 
-def resolve_draft(model: str, draft_model: str | None) -> str | None:
-    """The draft checkpoint of the 'draft' strategy: the configured one, else the demo model's own."""
+def resolve_draft(model_path: str, draft_model: str | None) -> str | None:
+    """The draft checkpoint of the 'draft' strategy: the configured one, else a `draft/` folder beside
+    the model's files (the demo model ships one)."""
     if draft_model:
-        return draft_model
-    if model == "demo" and (ASSET_DIR / "draft" / "config.json").exists():
-        return str(ASSET_DIR / "draft")
+        return resolve(draft_model)
+    if (Path(model_path) / "draft" / "config.json").exists():
+        return str(Path(model_path) / "draft")
     return None

@@ -2,9 +2,15 @@
 
 from branchwise.strategies.base import Plan, Strategy, Verdict
 from branchwise.strategies.draft import DraftStrategy
+from branchwise.strategies.multiverse import MultiverseStrategy
 from branchwise.strategies.ngram import NgramStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {"ar": Strategy, "draft": DraftStrategy, "ngram": NgramStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {
+    "ar": Strategy,
+    "draft": DraftStrategy,
+    "ngram": NgramStrategy,
+    "multiverse": MultiverseStrategy,
+}
 ALIASES = {"autoregressive": "ar", "prompt_lookup": "ngram", "speculative": "draft"}
 
 

@@ -94,6 +94,12 @@ class Strategy:
             verdicts.append(Verdict(p.drafts[:a] + [t], list(range(r, r + a + 1)), list(range(pending + a))))
         return verdicts
 
+    def on_commit(self, seq: Sequence) -> None:
+        """After the engine appended a step's tokens to `seq` (still running)."""
+
+    def on_finish(self, seq: Sequence) -> None:
+        """`seq` ended (finished, aborted, failed): release what the strategy holds for it."""
+
     def on_preempt(self, seq: Sequence) -> None:
         """Forget per-sequence state that referred to the freed K/V."""
         seq.strategy_state = None

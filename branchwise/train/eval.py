@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from branchwise import LLM, SamplingParams
+from branchwise.constraints import Constraint
 from branchwise.train.demo import SEQ_LEN, held_out
 from branchwise.train.demo_data import arithmetic, extraction
 from branchwise.train.tokenizer import stdlib_files
@@ -64,13 +65,42 @@ def eval_demo(
             valid += 1
             right += sum(got.get(k) == v for k, v in want.items())
 
+    # the same extraction tasks under a JSON schema of their fields (types only: the values are the test)
+    constrained = [
+        SamplingParams(temperature=0, max_tokens=256, constraint=Constraint.json_schema(schema_of(want)))
+        for _, _, want in jobs
+    ]
+    outs = [o.outputs[0] for o in llm.generate(prompts, constrained, strategy=strategy)]
+    c_valid = c_right = 0
+    for out, (_, _, want) in zip(outs, jobs, strict=True):
+        try:
+            got = json.loads(out.text)
+        except json.JSONDecodeError:
+            continue
+        c_valid += 1
+        c_right += sum(got.get(k) == v for k, v in want.items())
+
     return {
         "tasks": n,
         "arithmetic_accuracy": correct / n,
         "parallel_structure_well_formed": formed / n,
         "json_valid": valid / n,
         "json_field_accuracy": right / fields,
+        "json_valid_constrained": c_valid / n,
+        "json_field_accuracy_constrained": c_right / fields,
+        "forced_token_share_constrained": sum(o.num_forced for o in outs)
+        / sum(len(o.token_ids) for o in outs),
         "code_perplexity": code_perplexity(llm.engine.model_path, llm.tokenizer, code_files),
+    }
+
+
+def schema_of(fields: dict) -> dict:
+    types = {str: "string", int: "integer", float: "number"}
+    return {
+        "type": "object",
+        "properties": {k: {"type": types[type(v)]} for k, v in fields.items()},
+        "required": list(fields),
+        "additionalProperties": False,
     }
 
 

@@ -1,0 +1,162 @@
+"""Multiverse (arXiv 2506.09991): independent sub-problems decoded as parallel paths over a shared prefix.
+
+A sequence decodes autoregressively until it closes a `<Goal>` block holding k >= 2 `<Outline>`s. Then
+it forks k hidden branch sequences that share its blocks (no copy; a branch's first write into the
+shared, partly filled last block copies that block). Branch i starts with the forced tokens `<Path>i:`
+at the position right after `</Goal>`, decodes in the same batched steps as any other sequence and never
+sees the other branches. A branch ends once its `</Path>` is in the cache (or is closed at
+MAX_PATH_TOKENS). When all have ended, the parent takes the paths' tokens in outline order, their K/V
+moves into its blocks after the prefix, positions go on after the longest path (as in training) and
+`<Conclusion>` is forced: the conclusion attends to every path. The client sees one ordinary completion;
+a streaming client gets the paths' text when they merge.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from branchwise.engine.sequence import Sequence, Status
+from branchwise.strategies.base import Plan, Strategy
+
+if TYPE_CHECKING:
+    from branchwise.engine.engine import LLMEngine
+
+MAX_PATHS = 8
+MAX_PATH_TOKENS = 96
+TAGS = ("<Goal>", "</Goal>", "<Outline>", "</Path>", "<Conclusion>")
+
+
+class MultiverseStrategy(Strategy):
+    name = "multiverse"
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__(engine)
+        vocab = engine.tokenizer.get_vocab()
+        missing = [t for t in TAGS if t not in vocab]
+        if missing:
+            raise ValueError(
+                f"strategy 'multiverse' needs a model trained with the Multiverse tags; this tokenizer "
+                f"lacks {missing} (the demo model has them)"
+            )
+        self.goal, self.goal_end, self.outline, self.path_end, self.conclusion = (vocab[t] for t in TAGS)
+
+    def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
+        plans = []
+        for seq in seqs:
+            closing = (seq.strategy_state or {}).get("closing", False)
+            # a closing branch only computes the K/V of its `</Path>`: no token is sampled after it
+            plans.append(Plan(seq, seq.token_ids[seq.num_computed :], num_logits=0 if closing else 1))
+        return plans
+
+    def on_commit(self, seq: Sequence) -> None:
+        st = seq.strategy_state or {}
+        if st.get("closing"):
+            if seq.num_pending == 0:
+                self._branch_done(seq)
+            return
+        if seq.num_pending != 1 or seq.num_output_tokens == 0:
+            return
+        last = seq.token_ids[-1]
+        if seq.branch_of is not None:
+            if last == self.path_end or seq.num_tokens - st["path_start"] >= MAX_PATH_TOKENS:
+                if last != self.path_end:  # a runaway path is closed at its limit
+                    seq.token_ids.append(self.path_end)
+                st["closing"] = True
+                return
+        if last == self.goal_end and seq.matcher is None:  # constrained output decodes sequentially
+            self._fork(seq)
+
+    def _fork(self, parent: Sequence) -> None:
+        tokens = parent.token_ids
+        opened = len(tokens) - 1 - tokens[::-1].index(self.goal) if self.goal in tokens else len(tokens)
+        count = tokens[opened:].count(self.outline)
+        if not 2 <= count <= MAX_PATHS:
+            return
+        engine = self.engine
+        start = parent.num_tokens  # every path starts right after `</Goal>`
+        branches = []
+        for k in range(1, count + 1):
+            forced = engine.tokenizer.encode(f"<Path>{k}:", add_special_tokens=False)
+            seed = int(torch.randint(2**62, (1,), generator=parent.generator))
+            child = Sequence(
+                seq_id=engine.new_seq_id(),
+                request_id=parent.request_id,
+                index=parent.index,
+                token_ids=tokens + forced,
+                num_prompt_tokens=parent.num_prompt_tokens,
+                params=parent.params,
+                strategy=self.name,
+                generator=torch.Generator().manual_seed(seed),
+                branch_of=parent,
+                position_offset=parent.position_offset,
+                max_cacheable=parent.max_cacheable,
+            )
+            child.strategy_state = {"path_start": start}
+            engine.blocks.fork(parent, child)
+            child.status = Status.RUNNING
+            engine.scheduler.running.append(child)
+            branches.append(child)
+        st = parent.strategy_state or {}
+        st.update(branches=branches, fork_start=start)
+        parent.strategy_state = st
+        engine.scheduler.remove(parent)  # it waits, holding its blocks, until its paths merge
+        engine.metrics.multiverse_paths.labels(engine.model_name).inc(count)
+
+    def _branch_done(self, branch: Sequence) -> None:
+        branch.strategy_state["done"] = True
+        self.engine.scheduler.remove(branch)
+        parent = branch.branch_of
+        if all(b.strategy_state.get("done") for b in parent.strategy_state["branches"]):
+            self._merge(parent)
+
+    def _merge(self, parent: Sequence) -> None:
+        engine, blocks = self.engine, self.engine.blocks
+        st = parent.strategy_state
+        branches, start = st.pop("branches"), st.pop("fork_start")
+        goal_end = start - 1  # the parent's pending `</Goal>`: each branch computed it
+        paths = [b.token_ids[start:] for b in branches]
+        tokens = [t for p in paths for t in p]
+        end = start + len(tokens)
+        src = blocks.slots(branches[0], goal_end, start)
+        for b in branches:
+            src += blocks.slots(b, start, b.num_tokens)
+        if not blocks.can_allocate(parent, end):
+            self._release(branches)
+            engine.finish(parent, "error", "no KV blocks left to merge the parallel paths")
+            return
+        blocks.allocate(parent, end)
+        device = blocks.pools[0].device
+        blocks.move_slots(
+            torch.tensor(src, device=device), torch.tensor(blocks.slots(parent, goal_end, end), device=device)
+        )
+        self._release(branches)
+        parent.num_computed = end
+        # the conclusion's positions go on after the longest path; its K/V index after all of them
+        parent.position_offset -= len(tokens) - max(len(p) for p in paths)
+        # K/V from here on is not what a causal forward of these tokens computes: not for other requests
+        parent.max_cacheable = (
+            goal_end if parent.max_cacheable is None else min(parent.max_cacheable, goal_end)
+        )
+        if parent.branch_of is not None:
+            parent.strategy_state = {"path_start": st["path_start"]}
+        engine.scheduler.running.append(parent)
+        for token in tokens + [self.conclusion]:  # streams the paths in outline order; stops apply
+            engine.append(parent, token)
+            if parent.finished:
+                return
+
+    def _release(self, branches: list[Sequence]) -> None:
+        for b in branches:
+            self.on_finish(b)
+            self.engine.scheduler.remove(b)
+            self.engine.blocks.free(b)
+            b.status = Status.FINISHED
+
+    def on_finish(self, seq: Sequence) -> None:
+        st = seq.strategy_state or {}
+        self._release(st.get("branches", []))
+
+    def on_preempt(self, seq: Sequence) -> None:
+        """A preempted branch recomputes its prefix + path causally: its state stays valid."""

@@ -1,0 +1,111 @@
+"""Multiverse parallel paths on the demo model: exact w.r.t. the trained attention rule, fewer steps."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from branchwise import LLM, SamplingParams
+from branchwise.models.demo import ASSET_DIR
+from branchwise.train import demo
+from branchwise.train.demo_data import arithmetic
+from branchwise.train.eval import EVAL_SEED, answer_of, well_formed
+
+GREEDY = SamplingParams(temperature=0, max_tokens=200)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(str(ASSET_DIR), max_num_seqs=256)
+
+
+def tasks(n: int, seed: int = EVAL_SEED):
+    rng = random.Random(seed)
+    return [arithmetic(rng) for _ in range(n)]
+
+
+def chat(llm: LLM, message: str) -> list[int]:
+    return llm.chat_prompt([{"role": "user", "content": message}])
+
+
+def multiverse_layout(tokenizer, ids: list[int], prompt_len: int):
+    """Per token of a forked answer: path id, sees-all-paths flag, position and whether it was sampled
+    (forced `<Path>k:` openers and `<Conclusion>` are not), as the demo model was trained."""
+    vocab = tokenizer.get_vocab()
+    goal_end, path, path_end, conclusion = (
+        vocab[t] for t in ("</Goal>", "<Path>", "</Path>", "<Conclusion>")
+    )
+    start = ids.index(goal_end, prompt_len) + 1
+    n = len(ids)
+    path_id, after, pos, sampled = [0] * n, [0] * n, list(range(n)), [i >= prompt_len for i in range(n)]
+    at, k, longest = start, 0, 0
+    while ids[at] == path:
+        k += 1
+        end = ids.index(path_end, at) + 1
+        forced = len(tokenizer.encode(f"<Path>{k}:", add_special_tokens=False))
+        for i in range(at, end):
+            path_id[i], pos[i], sampled[i] = k, start + i - at, i - at >= forced
+        longest, at = max(longest, end - at), end
+    assert ids[at] == conclusion and k >= 2
+    for i in range(at, n):
+        after[i], pos[i] = 1, start + longest + i - at
+    sampled[at] = False
+    return path_id, after, pos, sampled
+
+
+def test_forked_paths_equal_one_sequence_under_the_multiverse_mask(llm):
+    """Greedy tokens of the forked execution == argmax of one dense forward of the whole answer with the
+    path-isolation mask and Multiverse positions (the rule the model was trained with)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        str(ASSET_DIR), dtype=torch.float32, attn_implementation="branchwise_train"
+    ).eval()
+    checked = 0
+    for message, parts, _, _ in tasks(12, seed=7):
+        prompt = chat(llm, message)
+        out = llm.generate(prompt, GREEDY, strategy="multiverse")[0].outputs[0]
+        if not well_formed(out.text, len(parts)):
+            continue
+        ids = prompt + out.token_ids
+        path_id, after, pos, sampled = multiverse_layout(llm.tokenizer, ids, len(prompt))
+        t = lambda x: torch.tensor([x])  # noqa: E731
+        mask = demo.visibility(torch.zeros(1, len(ids), dtype=torch.int32), t(path_id), t(after))
+        with torch.inference_mode():
+            logits = model(input_ids=t(ids), position_ids=t(pos), train_mask=mask, use_cache=False).logits[0]
+        # token i was sampled from the logits of the token before it *in its own path* (or the prefix)
+        for i in range(len(prompt), len(ids)):
+            if not sampled[i]:
+                continue
+            prev = i - 1
+            assert logits[prev].argmax().item() == ids[i], (i, llm.tokenizer.decode(ids[i]))
+        checked += 1
+    assert checked >= 6
+
+
+def test_multiverse_is_as_accurate_as_sequential_in_fewer_steps(llm):
+    problems = tasks(200)
+    prompts = [chat(llm, t[0]) for t in problems]
+    results = {}
+    for strategy in ("ar", "multiverse"):
+        before = llm.engine.num_steps
+        texts = [o.outputs[0].text for o in llm.generate(prompts, GREEDY, strategy=strategy)]
+        correct = sum(answer_of(x) == t[3] for x, t in zip(texts, problems, strict=True)) / len(problems)
+        results[strategy] = (correct, llm.engine.num_steps - before)
+    (seq_acc, seq_steps), (par_acc, par_steps) = results["ar"], results["multiverse"]
+    assert par_acc >= seq_acc - 0.02
+    assert par_steps < seq_steps
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks
+
+
+def test_streaming_client_sees_the_paths_in_outline_order_and_blocks_return(llm):
+    message, parts, _, _ = tasks(1, seed=11)[0]
+    updates = list(llm.stream(chat(llm, message), GREEDY, strategy="multiverse"))
+    text = "".join(u.text for u in updates)
+    assert well_formed(text, len(parts))
+    assert [text.index(f"<Path>{k}:") for k in range(1, len(parts) + 1)] == sorted(
+        text.index(f"<Path>{k}:") for k in range(1, len(parts) + 1)
+    )
+    assert updates[-1].finish_reason == "stop"
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks
