@@ -25,8 +25,8 @@ def test_offline_bench_reports_every_figure_and_writes_json_and_png(tiny_llama, 
         (3, True),
     }
     for r in saved["rows"]:
-        assert r["errors"] == 0 and r["requests"] == r["batch"]
-        assert 0 < r["output_tokens"] <= 8 * r["batch"]
+        assert r["errors"] == 0 and r["requests"] == max(r["batch"], 4)
+        assert 0 < r["output_tokens"] <= 8 * r["requests"]
         assert r["tokens_per_s"] > 0 and r["latency_s"]["p99"] >= r["latency_s"]["p50"] > 0
         assert 0 < r["ttft_s"]["p50"] <= r["latency_s"]["p99"]
         assert r["speedup_vs_ar"] > 0 and r["speedup_vs_generate"] > 0

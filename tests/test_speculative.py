@@ -193,7 +193,7 @@ def test_ngram_lookup_takes_the_latest_longest_match():
 def test_adaptive_k_drafts_at_low_load_and_stops_when_the_forward_is_compute_bound(
     llm_truncated, prompts, monkeypatch
 ):
-    monkeypatch.setattr(speculative, "EXPLORE", 0.0)
+    monkeypatch.setattr(speculative, "PLAIN_EVERY", 10**9)
     engine = llm_truncated.engine
     strategy = engine.strategy("ngram")
     seq = type("S", (), {})  # a stand-in with what lookahead reads

@@ -1,10 +1,11 @@
 """`branchwise bench offline`: every strategy and the `transformers` baselines, side by side in one process.
 
-For each batch size and strategy: output tokens/s, per-request latency and time to first token (p50/p99),
-mean accepted length and acceptance rate (speculative), tokens per engine step (Multiverse's parallelism),
-and, when the dataset carries JSON schemas, the same run constrained. Baselines at batch 1 on the same
-prompts and max tokens: `generate` (greedy), its assisted generation with the same draft model and its
-prompt-lookup mode. Each strategy's ratio is against our `ar` and against `generate`, measured back to back.
+For each batch size and strategy (batch 1: the first 4 prompts one after another): output tokens/s,
+per-request latency and time to first token (p50/p99), mean accepted length and acceptance rate
+(speculative), tokens per engine step (Multiverse's parallelism), and, when the dataset carries JSON
+schemas, the same run constrained. Baselines at batch 1 on the same 4 prompts and max tokens: `generate`
+(greedy), its assisted generation with the same draft model and its prompt-lookup mode. Each strategy's
+ratio is against our `ar` and against `generate`, measured back to back.
 """
 
 from __future__ import annotations
@@ -24,30 +25,38 @@ from branchwise.bench.online import percentiles
 from branchwise.constraints import Constraint
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+SEQUENTIAL = 4  # prompts run one at a time at batch 1, by us and by the transformers baselines
 
 
 def prompts_of(llm: LLM, records: list[dict]) -> list[list[int]]:
     return [llm.chat_prompt(r["messages"]) if "messages" in r else llm.encode(r["prompt"]) for r in records]
 
 
-def run_batch(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], strategy: str) -> dict:
-    """Submit every prompt at once and step the engine to the end, timing each request."""
+def run_batch(
+    llm: LLM, prompts: list[list[int]], params: list[SamplingParams], strategy: str, batch: int | None = None
+) -> dict:
+    """Run the prompts `batch` at a time (default: all at once), stepping the engine to the end of each
+    group; each request is timed from its group's start."""
     engine = llm.engine
-    start, steps = time.perf_counter(), engine.num_steps
-    ids = [f"bench-{strategy}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
-    for rid, prompt, p in zip(ids, prompts, params, strict=True):
-        engine.add_request(rid, prompt, p, strategy)
-    first, done, tokens, last = {}, {}, dict.fromkeys(ids, 0), {}
-    while engine.has_unfinished():
-        for u in engine.step():
-            now = time.perf_counter()
-            tokens[u.request_id] += len(u.token_ids)
-            if u.token_ids and u.request_id not in first:
-                first[u.request_id] = now - start
-            if u.finish_reason:
-                done[u.request_id] = now - start
-            last[u.request_id] = u
-    wall = time.perf_counter() - start
+    batch = batch or len(prompts)
+    steps, wall = engine.num_steps, 0.0
+    first, done, tokens, last = {}, {}, {}, {}
+    for at in range(0, len(prompts), batch):
+        start = time.perf_counter()
+        for i in range(at, min(at + batch, len(prompts))):
+            rid = f"bench-{strategy}-{i}-{time.monotonic_ns()}"
+            tokens[rid] = 0
+            engine.add_request(rid, prompts[i], params[i], strategy)
+        while engine.has_unfinished():
+            for u in engine.step():
+                now = time.perf_counter()
+                tokens[u.request_id] += len(u.token_ids)
+                if u.token_ids and u.request_id not in first:
+                    first[u.request_id] = now - start
+                if u.finish_reason:
+                    done[u.request_id] = now - start
+                last[u.request_id] = u
+        wall += time.perf_counter() - start
     drafts = sum(u.num_draft_steps for u in last.values())
     drafted = sum(u.num_drafted for u in last.values())
     accepted = sum(u.num_accepted for u in last.values())
@@ -106,7 +115,9 @@ def bench_offline(
     llm = LLM(model, draft_model=draft_model, device=device, max_num_seqs=max(max(batch_sizes), 8))
     engine = llm.engine
     records = load_records(dataset)
-    prompts = prompts_of(llm, (records * (max(batch_sizes) // len(records) + 1))[: max(batch_sizes)])
+    # every batch size runs at least SEQUENTIAL prompts (batch 1: one after another), the baselines' set
+    count = max(max(batch_sizes), SEQUENTIAL)
+    prompts = prompts_of(llm, (records * (count // len(records) + 1))[:count])
     rows = []
     strategies = tuple(s for s in strategies if _available(llm, s))
     levels = [
@@ -117,31 +128,25 @@ def bench_offline(
         if not c or "schema" in records[0]
     ]
     for batch, strategy, constrained in tqdm(levels, desc="bench offline"):
+        n = max(batch, SEQUENTIAL)
         params = []
-        for i in range(batch):
+        for i in range(n):
             schema = records[i % len(records)].get("schema") if constrained else None
             c = Constraint.json_schema(schema) if schema else None
             params.append(SamplingParams(temperature=0, max_tokens=max_tokens, constraint=c))
-        run_batch(llm, prompts[:batch], params, strategy)  # warm-up (and the adaptive-K cost model)
-        row = run_batch(llm, prompts[:batch], params, strategy)
+        run_batch(llm, prompts[:n], params, strategy, batch)  # warm-up (and the adaptive-K cost model)
+        row = run_batch(llm, prompts[:n], params, strategy, batch)
         rows.append({"batch": batch, "strategy": strategy, "constrained": constrained} | row)
     base = {}
     if baselines:
         base = hf_baselines(
             engine.model_path,
             engine.draft_path,
-            prompts[: min(4, len(prompts))],
+            prompts[:SEQUENTIAL],
             max_tokens,
             engine.config.num_speculative_tokens,
             engine.device,
         )
-        ours = run_batch(
-            llm,
-            prompts[: len(prompts[:4])],
-            [SamplingParams(temperature=0, max_tokens=max_tokens)] * len(prompts[:4]),
-            "ar",
-        )
-        base["branchwise_ar_sequential_prompts"] = {"tokens_per_s": ours["tokens_per_s"]}
     for r in rows:
         ar = next(
             x

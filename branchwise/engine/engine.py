@@ -82,6 +82,9 @@ class LLMEngine:
         self._grammars: Grammars | None = None
         self.step_cost = CostModel()  # target forward + verification time vs tokens fed
         self.goodput = 0.0  # tokens committed per second of step, smoothed
+        self.last_rate = 0.0  # the same, of the last step alone
+        self.last_step_prefilled = False  # the last step carried prefill chunks
+        self.last_step_tokens, self.last_step_seconds = 0, 0.0
         self.strategy(config.strategy)  # fail at start-up, not at the first request
         if self.draft_model is not None:
             self.strategy("draft")  # its K/V pool and CUDA graphs, before any request
@@ -293,6 +296,10 @@ class LLMEngine:
         self.step_cost.observe(num_fed, ended - forward_started)
         rate = sum(len(u.token_ids) for u in self._updates.values()) / max(ended - started, 1e-6)
         self.goodput = rate if not self.goodput else 0.9 * self.goodput + 0.1 * rate
+        self.last_rate = rate
+        self.last_step_tokens = sum(len(u.token_ids) for u in self._updates.values())
+        self.last_step_seconds = ended - started
+        self.last_step_prefilled = any(p.num_logits == 0 or len(p.tokens) > 1 + len(p.drafts) for p in plans)
         self._attach_logprobs(out, logprob_rows)
 
     def _fork_siblings(self, plans: list[Plan]) -> list[Plan]:

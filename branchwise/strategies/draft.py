@@ -44,11 +44,10 @@ class DraftStrategy(SpeculativeStrategy):
         if not engine.config.enforce_eager:
             self.runner.capture_graphs(engine.config.max_num_batched_tokens, -(-engine.max_model_len // bs))
         self.cost = CostModel()
-        self.num_drafting = 1  # sequences that drafted in the last step: they share a forward's fixed cost
 
     def draft_cost(self) -> float:
         fixed, per_token = self.cost.fit()
-        return per_token + fixed / self.num_drafting
+        return per_token + fixed / self.num_candidates
 
     def state(self, seq: Sequence) -> dict:
         st = super().state(seq)
@@ -61,8 +60,6 @@ class DraftStrategy(SpeculativeStrategy):
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, k in enumerate(want) if k > 0]
         consumed = [0] * len(seqs)  # drafted tokens each matcher advanced through
-        if active:
-            self.num_drafting = len(active)
         for depth in range(max((want[i] for i in active), default=0)):
             idx = [i for i in active if want[i] > depth]
             if not idx:  # every chain still going has met the end of its grammar

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from branchwise.engine.model_runner import ForwardOutput
 
 DECAY = 0.9  # per step, a sequence's acceptance evidence fades: one that stopped drafting is retried
-EXPLORE = 0.05  # share of sequences that draft one token whatever the model says (keeps the fit honest)
+PLAIN_EVERY = 16  # every 16th step nobody drafts: the yardstick speculation must beat
+WINDOW = 3  # plain steps per comparison
 
 
 class CostModel:
@@ -56,6 +57,16 @@ class SpeculativeStrategy(Strategy):
         self.max_drafts = engine.config.num_speculative_tokens
         self.accepted, self.rejected = 2.0, 1.0  # strategy-wide evidence: the prior of a new sequence
         self.rng = random.Random(engine.config.seed)
+        # The cost model misses host overheads (drafting, verification bookkeeping), so the realised rate
+        # of steps with speculation is checked against steps without: while it is lower, a penalty on
+        # the threshold grows until drafting stops paying for itself no more.
+        self.window = {True: (0, 0.0), False: (0, 0.0)}  # drafting? -> (tokens, seconds) of such steps
+        self.window_plain_steps = 0
+        self.penalty = 1.0
+        self.step = -1
+        self.plain = False  # this step nobody drafts
+        self.drafting = False  # some sequence drafts this step
+        self.num_candidates = 1
 
     def parse_params(self, params: dict) -> dict:
         """`num_speculative_tokens`: a fixed number of drafted tokens for this request (no adaptation)."""
@@ -95,14 +106,51 @@ class SpeculativeStrategy(Strategy):
             return max(0, min(fixed, left - 1, self.engine.max_model_len - seq.num_tokens - 1))
         if room <= 0:
             return 0
-        if self.rng.random() < EXPLORE:
-            return 1
+        if self.engine.num_steps != self.step:
+            self._new_step()
+        if self.plain:
+            return 0
         _, per_token = self.engine.step_cost.fit()
-        threshold = (per_token + self.draft_cost()) * self.engine.goodput
+        threshold = (per_token + self.draft_cost()) * self.engine.goodput * self.penalty
         alpha, k = self.acceptance(seq), 0
         while k < room and alpha ** (k + 1) > threshold:
             k += 1
+        self.drafting |= k > 0
         return k
+
+    def _new_step(self) -> None:
+        """Credit the last step to its mode, steer the penalty every few plain steps, pick this step's mode.
+
+        Drafting steps and plain steps interleave, so over a window of WINDOW plain steps both see the same
+        requests and nearly the same batch: if the drafting steps yielded fewer tokens per second than the
+        plain ones, the penalty triples; if more, it falls; with no drafting in the window it fades slowly,
+        so a lighter load tries again. Steps that carry prefill chunks say nothing about decoding: skipped.
+        """
+        engine = self.engine
+        if self.step >= 0 and not engine.last_step_prefilled and engine.last_step_tokens:
+            mode = None if self.plain else (True if self.drafting else None)
+            if self.plain:
+                mode = False
+            if mode is not None:
+                tokens, seconds = self.window[mode]
+                self.window[mode] = (tokens + engine.last_step_tokens, seconds + engine.last_step_seconds)
+                self.window_plain_steps += not mode
+        if self.window_plain_steps >= WINDOW:
+            (spec_tokens, spec_s), (plain_tokens, plain_s) = self.window[True], self.window[False]
+            if spec_tokens == 0:
+                self.penalty /= 1.2
+            elif spec_tokens / spec_s < plain_tokens / plain_s:
+                self.penalty *= 3.0
+            else:
+                self.penalty /= 1.5
+            self.penalty = min(max(self.penalty, 1.0), 1e4)
+            self.window = {True: (0, 0.0), False: (0, 0.0)}
+            self.window_plain_steps = 0
+        self.step = engine.num_steps
+        self.plain = self.step % PLAIN_EVERY == 0
+        self.drafting = False
+        # the sequences that may draft this step share each draft forward's fixed cost
+        self.num_candidates = max(1, sum(s.strategy == self.name for s in engine.scheduler.running))
 
     def verify(self, plans: list[Plan], out: ForwardOutput) -> list[Verdict]:
         verdicts = super().verify(plans, out)
