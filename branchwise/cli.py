@@ -120,7 +120,8 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
     from branchwise.models.demo import ASSET_DIR
     from branchwise.train.demo import train_demo
 
-    info = train_demo(Path(args.out or ASSET_DIR), args.minutes, args.device, args.seed)
+    init = Path(args.init) if args.init else None
+    info = train_demo(Path(args.out or ASSET_DIR), args.minutes, args.device, args.seed, init=init)
     print(json.dumps(info, indent=2))
 
 
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None, help="output folder (default: branchwise/assets/demo)")
+    demo.add_argument(
+        "--init", default=None, help="continue training a demo checkpoint (e.g. the shipped one)"
+    )
     demo.set_defaults(func=cmd_train_demo)
     ev = train.add_parser("eval-demo", help="accuracy of the demo model on held-out tasks")
     ev.add_argument("--model", default="demo")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
+from branchwise.models.loader import load_tokenizer
 from branchwise.train.demo_data import TAGS, Encoder, Example, arithmetic, extraction
 from branchwise.train.tokenizer import stdlib_files, train_tokenizer
 
@@ -266,6 +267,11 @@ def train(
     return history
 
 
+def resume(path: Path) -> LlamaForCausalLM:
+    """A saved demo checkpoint in fp32 with the training attention, to train further."""
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="branchwise_train")
+
+
 def save_model(model, tokenizer, out: Path) -> None:
     """A bf16 copy in the standard Llama layout, loadable by any transformers (no training attention)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -287,8 +293,10 @@ def train_demo(
     seed: int = 0,
     examples: int | None = None,
     workers: int | None = None,
+    init: Path | None = None,
 ) -> dict:
-    """Train the demo model (into `out`) and its draft model (into `out/draft`) within `minutes`."""
+    """Train the demo model (into `out`) and its draft model (into `out/draft`) within `minutes`;
+    `init`: continue from a demo checkpoint (its tokenizer, shapes and weights) at half the learning rate."""
     start = time.monotonic()
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
@@ -296,33 +304,41 @@ def train_demo(
     gpu = dev.type == "cuda"
     workers = workers or max(1, min(16, mp.cpu_count()))
     examples = examples or (600_000 if gpu else 60_000)
-    tokenizer = build_tokenizer(seed)
+    tokenizer = load_tokenizer(str(init)) if init else build_tokenizer(seed)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
     data = make_dataset(str(out), examples, seed, workers)
     log.info("dataset: %d rows of %d tokens in %.0fs", len(data["ids"]), SEQ_LEN, time.monotonic() - start)
     left = minutes * 60 - (time.monotonic() - start)
-    target = new_model(TARGET[dev.type], tokenizer, seed)
+    scale = 0.5 if init else 1.0
+    target = resume(init) if init else new_model(TARGET[dev.type], tokenizer, seed)
     history = train(
         target,
         data,
         0.85 * left,
         dev,
         64 if gpu else 16,
-        2e-3 if gpu else 3e-3,
+        scale * (2e-3 if gpu else 3e-3),
         "demo model",
         save=lambda m: save_model(m, tokenizer, out),
     )
     save_model(target, tokenizer, out)
-    draft = new_model(DRAFT[dev.type], tokenizer, seed + 1)
+    draft = resume(init / "draft") if init else new_model(DRAFT[dev.type], tokenizer, seed + 1)
     draft_history = train(
-        draft, data, minutes * 60 - (time.monotonic() - start), dev, 64 if gpu else 16, 3e-3, "draft model"
+        draft,
+        data,
+        minutes * 60 - (time.monotonic() - start),
+        dev,
+        64 if gpu else 16,
+        scale * 3e-3,
+        "draft model",
     )
     save_model(draft, tokenizer, out / "draft")
     info = {
         "seed": seed,
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "minutes": minutes,
+        "init": str(init) if init else None,
         "examples": examples,
         "rows": int(len(data["ids"])),
         "seq_len": SEQ_LEN,
