@@ -57,6 +57,26 @@ def tiny_mistral_sliding(tmp_path_factory, tokenizer) -> str:
 
 
 @pytest.fixture(scope="session")
+def spec_target(tmp_path_factory, tiny_llama) -> str:
+    """A 2-layer random model whose second layer adds little, with its first layer alone saved beside it
+    as `draft/`: a draft that agrees often, not always (speculative decoding and constraint tests)."""
+    from transformers import AutoModelForCausalLM
+
+    from branchwise.models.loader import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    for proj in (model.model.layers[1].self_attn.o_proj, model.model.layers[1].mlp.down_proj):
+        proj.weight.data *= 0.3
+    path = tmp_path_factory.mktemp("spec_target")
+    model.save_pretrained(path)
+    load_tokenizer(tiny_llama).save_pretrained(path)
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    model.save_pretrained(path / "draft")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def prompts(tokenizer) -> list[list[int]]:
     """16 prompts of mixed lengths (3..90 tokens) cut from stdlib source."""
     text = stdlib_files(60)[45].read_text()

@@ -9,11 +9,9 @@ import llguidance
 import llguidance.torch
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from branchwise import LLM, SamplingParams
 from branchwise.constraints import Constraint
-from branchwise.models.loader import load_tokenizer
 
 # strings and numbers are bounded so that even a random model finishes within max_tokens
 SCHEMAS = {
@@ -99,23 +97,8 @@ SCHEMAS = {
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory, tiny_llama) -> str:
-    """A random model whose second layer adds little, so its first layer alone is a fair draft."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    for proj in (model.model.layers[1].self_attn.o_proj, model.model.layers[1].mlp.down_proj):
-        proj.weight.data *= 0.3
-    path = tmp_path_factory.mktemp("ctarget")
-    model.save_pretrained(path)
-    load_tokenizer(tiny_llama).save_pretrained(path)
-    model.model.layers = model.model.layers[:1]
-    model.config.num_hidden_layers = 1
-    model.save_pretrained(path / "draft")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def llm(target) -> LLM:
-    return LLM(target, draft_model=target + "/draft", max_num_batched_tokens=512)
+def llm(spec_target) -> LLM:
+    return LLM(spec_target, max_num_batched_tokens=512)  # its draft/ is found beside it
 
 
 def texts(llm: LLM, prompts, params, strategy: str, **strategy_params) -> list:

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 from scipy.stats import chi2_contingency
-from transformers import AutoModelForCausalLM
 
 from branchwise import LLM, SamplingParams
-from branchwise.models.loader import load_tokenizer
 from branchwise.strategies import ngram, speculative
 from branchwise.train.tiny import build_tiny_checkpoint
 from branchwise.train.tokenizer import stdlib_files, train_tokenizer
@@ -18,27 +16,14 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory, tiny_llama) -> str:
-    """A 2-layer random model whose second layer adds little: its first layer alone is a good draft."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    last = model.model.layers[1]
-    for proj in (last.self_attn.o_proj, last.mlp.down_proj):
-        proj.weight.data *= 0.3
-    path = tmp_path_factory.mktemp("target")
-    model.save_pretrained(path)
-    load_tokenizer(tiny_llama).save_pretrained(path)
-    return str(path)
+def target(spec_target) -> str:
+    return spec_target
 
 
 @pytest.fixture(scope="module")
-def truncated_draft(tmp_path_factory, target) -> str:
+def truncated_draft(spec_target) -> str:
     """The target with its second layer cut off: a draft that agrees often, not always."""
-    model = AutoModelForCausalLM.from_pretrained(target)
-    model.model.layers = model.model.layers[:1]
-    model.config.num_hidden_layers = 1
-    path = tmp_path_factory.mktemp("truncated")
-    model.save_pretrained(path)
-    return str(path)
+    return spec_target + "/draft"
 
 
 @pytest.fixture(scope="module")
