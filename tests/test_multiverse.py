@@ -84,10 +84,18 @@ def test_forked_paths_equal_one_sequence_under_the_multiverse_mask(llm):
     assert checked >= 6
 
 
+def parallelism(llm: LLM) -> tuple[float, float]:
+    """(count, sum) of the multiverse_parallelism histogram: output tokens per step of each request."""
+    hist = [m for m in llm.engine.metrics.registry.collect() if m.name.endswith("multiverse_parallelism")][0]
+    values = {s.name.rsplit("_", 1)[-1]: s.value for s in hist.samples if "le" not in s.labels}
+    return values.get("count", 0.0), values.get("sum", 0.0)
+
+
 def test_multiverse_is_as_accurate_as_sequential_in_fewer_steps(llm):
     problems = tasks(200)
     prompts = [chat(llm, t[0]) for t in problems]
     results = {}
+    par_before = parallelism(llm)
     for strategy in ("ar", "multiverse"):
         before = llm.engine.num_steps
         texts = [o.outputs[0].text for o in llm.generate(prompts, GREEDY, strategy=strategy)]
@@ -96,6 +104,9 @@ def test_multiverse_is_as_accurate_as_sequential_in_fewer_steps(llm):
     (seq_acc, seq_steps), (par_acc, par_steps) = results["ar"], results["multiverse"]
     assert par_acc >= seq_acc - 0.02
     assert par_steps < seq_steps
+    count, total = parallelism(llm)
+    n = count - par_before[0]
+    assert n == len(problems) and (total - par_before[1]) / n > 1.0
     assert llm.engine.blocks.num_available == llm.engine.num_blocks
 
 

@@ -342,6 +342,11 @@ class LLMEngine:
         else:
             self.metrics.itl.labels(self.model_name).observe(now - seq.last_token_time)
         seq.last_token_time = now
+        root = seq
+        while root.branch_of is not None:
+            root = root.branch_of
+        if root.last_step != self.num_steps:  # the paths of one request decoding in a step count once
+            root.last_step, root.num_steps = self.num_steps, root.num_steps + 1
         for token, row in zip(verdict.tokens, verdict.logit_rows, strict=True):
             self._append(seq, token)
             if seq.params.logprobs is not None and seq.branch_of is None:
@@ -476,6 +481,10 @@ class LLMEngine:
             self._finish(root, reason, error)
             return
         self.strategy(seq.strategy).on_finish(seq)
+        if seq.strategy == "multiverse" and seq.num_steps:
+            self.metrics.multiverse_parallelism.labels(self.model_name).observe(
+                seq.num_output_tokens / seq.num_steps
+            )
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)

@@ -97,6 +97,13 @@ class EngineMetrics:
         self.multiverse_paths = Counter(
             "branchwise:multiverse_paths", "Parallel paths forked by the multiverse strategy", m, registry=r
         )
+        self.multiverse_parallelism = Histogram(
+            "branchwise:multiverse_parallelism",
+            "Output tokens per engine step of a finished multiverse request (1 = sequential)",
+            m,
+            buckets=(1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0),
+            registry=r,
+        )
         self.prefix_queries = Counter(
             "branchwise:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", m, registry=r
         )

@@ -106,6 +106,8 @@ class Sequence:
     num_accepted: int = 0
     num_draft_steps: int = 0
     num_forced: int = 0  # tokens appended by grammar jump-forward, not sampled
+    num_steps: int = 0  # engine steps that gave this sequence (or one of its paths) tokens
+    last_step: int = -1
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache
     num_cached_blocks: int = 0  # leading blocks already offered to the prefix cache
     arrival_time: float = field(default_factory=time.monotonic)
