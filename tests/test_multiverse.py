@@ -120,3 +120,18 @@ def test_streaming_client_sees_the_paths_in_outline_order_and_blocks_return(llm)
     )
     assert updates[-1].finish_reason == "stop"
     assert llm.engine.blocks.num_available == llm.engine.num_blocks
+
+
+def test_aborting_a_request_while_its_paths_run_frees_every_path(llm):
+    engine = llm.engine
+    message, _, _, _ = tasks(1, seed=13)[0]
+    engine.add_request("mv-abort", chat(llm, message), GREEDY, "multiverse")
+    while not any(s.branch_of is not None for s in engine.scheduler.running):
+        assert engine.has_unfinished()
+        engine.step()
+    engine.abort_request("mv-abort")
+    updates = []
+    while engine.has_unfinished():
+        updates += engine.step()
+    assert [u.finish_reason for u in updates if u.finish_reason] == ["abort"]
+    assert not engine.scheduler.running and engine.blocks.num_available == engine.num_blocks
