@@ -135,3 +135,59 @@ def test_aborting_a_request_while_its_paths_run_frees_every_path(llm):
         updates += engine.step()
     assert [u.finish_reason for u in updates if u.finish_reason] == ["abort"]
     assert not engine.scheduler.running and engine.blocks.num_available == engine.num_blocks
+
+
+def multiverse_grammar(tokenizer) -> str:
+    """A Lark grammar of the trace; the tags are added tokens, which llguidance matches by id."""
+    tag = {
+        t: f"<[{i}]>"
+        for t, i in tokenizer.get_vocab().items()
+        if t.startswith(("<P", "<G", "<O", "<C", "</"))
+    }
+    return rf"""
+start: {tag["<Parallel>"]} "\n" {tag["<Goal>"]} "\n" outline outline+ {tag["</Goal>"]} path path+ conclusion
+conclusion: {tag["<Conclusion>"]} CALC {tag["</Conclusion>"]} "\n" {tag["</Parallel>"]} answer
+answer: "\nThe answer is " NUM "."
+outline: {tag["<Outline>"]} INDEX ": " EXPR {tag["</Outline>"]} "\n"
+path: {tag["<Path>"]} INDEX ": " EXPR " = " NUM {tag["</Path>"]}
+INDEX: /[1-8]/
+EXPR: /[0-9]{{1,3}}[+*-][0-9]{{1,3}}/
+CALC: /[0-9+*= -]{{1,60}}/
+NUM: /-?[0-9]{{1,5}}/
+"""
+
+
+def test_constrained_paths_each_follow_the_grammar_and_merge_valid(llm):
+    """Under a Lark grammar of the trace, every path gets its own matcher copy; outputs match it."""
+    import re
+
+    from branchwise.constraints import Constraint
+
+    pattern = re.compile(
+        r"<Parallel>\n<Goal>\n(<Outline>[1-8]: [0-9]{1,3}[+*-][0-9]{1,3}</Outline>\n){2,}</Goal>"
+        r"(<Path>[1-8]: [0-9]{1,3}[+*-][0-9]{1,3} = -?[0-9]{1,5}</Path>){2,}<Conclusion>[0-9+*= -]{1,60}"
+        r"</Conclusion>\n</Parallel>\nThe answer is -?[0-9]{1,5}\."
+    )
+    params = SamplingParams(
+        temperature=0.8,
+        seed=3,
+        max_tokens=200,
+        constraint=Constraint("grammar", multiverse_grammar(llm.tokenizer)),
+    )
+    problems = tasks(8, seed=17)
+    before = counter(llm, "multiverse_paths")
+    outs = llm.generate([chat(llm, t[0]) for t in problems], params, strategy="multiverse")
+    for out in outs:
+        assert pattern.fullmatch(out.outputs[0].text), out.outputs[0].text
+    assert counter(llm, "multiverse_paths") - before >= 16  # the requests really forked
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks
+
+
+def counter(llm: LLM, suffix: str) -> float:
+    return sum(
+        s.value
+        for m in llm.engine.metrics.registry.collect()
+        if m.name.endswith(suffix)
+        for s in m.samples
+        if s.name.endswith("_total")
+    )

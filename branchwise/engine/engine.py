@@ -353,12 +353,14 @@ class LLMEngine:
                 logprob_rows.append((seq, token, row))
             if seq.finished or (seq.matcher is not None and not self._consume(seq, token)):
                 break
-        if seq.matcher is not None and not seq.finished:
-            self._jump_forward(seq)
         if not seq.finished:
             self.blocks.truncate(seq, seq.num_computed)
             self._cache(seq)
             self.strategy(seq.strategy).on_commit(seq)
+        # the strategy sees its sampled tokens first (a Multiverse fork at `</Goal>` pauses the sequence);
+        # inside a Multiverse path, where the path ends is the strategy's to see
+        if seq.matcher is not None and seq.status is Status.RUNNING and seq.branch_of is None:
+            self._jump_forward(seq)
 
     def _cache(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed full blocks to the prefix cache."""
@@ -411,8 +413,10 @@ class LLMEngine:
         return next(self._seq_ids)
 
     def append(self, seq: Sequence, token: int) -> None:
-        """Append a token that was not sampled (a strategy's forced or merged tokens), with stop checks."""
+        """Append a token a strategy forced or merged (not sampled): stop checks, grammar."""
         self._append(seq, token)
+        if seq.matcher is not None and not seq.finished:
+            self._consume(seq, token)
 
     def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self._finish(seq, reason, error)

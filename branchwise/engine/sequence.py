@@ -69,6 +69,7 @@ class SamplingParams:
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # waiting for its Multiverse paths to merge back, holding its blocks
     FINISHED = "finished"
 
 

@@ -8,7 +8,8 @@ sees the other branches. A branch ends once its `</Path>` is in the cache (or is
 MAX_PATH_TOKENS). When all have ended, the parent takes the paths' tokens in outline order, their K/V
 moves into its blocks after the prefix, positions go on after the longest path (as in training) and
 `<Conclusion>` is forced: the conclusion attends to every path. The client sees one ordinary completion;
-a streaming client gets the paths' text when they merge.
+a streaming client gets the paths' text when they merge. Under a grammar each path advances its own copy
+of the matcher, and the parent's matcher takes the merged paths in order.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class MultiverseStrategy(Strategy):
                     seq.token_ids.append(self.path_end)
                 st["closing"] = True
                 return
-        if last == self.goal_end and seq.matcher is None:  # constrained output decodes sequentially
+        if last == self.goal_end:
             self._fork(seq)
 
     def _fork(self, parent: Sequence) -> None:
@@ -76,9 +77,16 @@ class MultiverseStrategy(Strategy):
             return
         engine = self.engine
         start = parent.num_tokens  # every path starts right after `</Goal>`
+        openers = [
+            engine.tokenizer.encode(f"<Path>{k}:", add_special_tokens=False) for k in range(1, count + 1)
+        ]
+        matchers = [None] * count
+        if parent.matcher is not None:  # each path follows the grammar from the parent's state on its own
+            matchers = [parent.matcher.deep_copy() for _ in openers]
+            if not all(m.consume_tokens(forced) for m, forced in zip(matchers, openers, strict=True)):
+                return  # the grammar does not allow these paths here: decode sequentially
         branches = []
-        for k in range(1, count + 1):
-            forced = engine.tokenizer.encode(f"<Path>{k}:", add_special_tokens=False)
+        for forced, matcher in zip(openers, matchers, strict=True):
             seed = int(torch.randint(2**62, (1,), generator=parent.generator))
             child = Sequence(
                 seq_id=engine.new_seq_id(),
@@ -94,6 +102,7 @@ class MultiverseStrategy(Strategy):
                 max_cacheable=parent.max_cacheable,
             )
             child.strategy_state = {"path_start": start}
+            child.matcher = matcher
             engine.blocks.fork(parent, child)
             child.status = Status.RUNNING
             engine.scheduler.running.append(child)
@@ -102,6 +111,7 @@ class MultiverseStrategy(Strategy):
         st.update(branches=branches, fork_start=start)
         parent.strategy_state = st
         engine.scheduler.remove(parent)  # it waits, holding its blocks, until its paths merge
+        parent.status = Status.PAUSED
         engine.metrics.multiverse_paths.labels(engine.model_name).inc(count)
 
     def _branch_done(self, branch: Sequence) -> None:
@@ -142,6 +152,7 @@ class MultiverseStrategy(Strategy):
         if parent.branch_of is not None:
             parent.strategy_state = {"path_start": st["path_start"]}
         engine.scheduler.running.append(parent)
+        parent.status = Status.RUNNING
         for token in tokens + [self.conclusion]:  # streams the paths in outline order; stops apply
             engine.append(parent, token)
             if parent.finished:
