@@ -8,8 +8,8 @@ sees the other branches. A branch ends once its `</Path>` is in the cache (or is
 MAX_PATH_TOKENS). When all have ended, the parent takes the paths' tokens in outline order, their K/V
 moves into its blocks after the prefix, positions go on after the longest path (as in training) and
 `<Conclusion>` is forced: the conclusion attends to every path. The client sees one ordinary completion;
-a streaming client gets the paths' text when they merge. Under a grammar each path advances its own copy
-of the matcher, and the parent's matcher takes the merged paths in order.
+a streaming client gets each path's text once it and every path before it have closed. Under a grammar
+each path advances its own copy of the matcher, and the parent's matcher takes the paths in order.
 """
 
 from __future__ import annotations
@@ -115,19 +115,30 @@ class MultiverseStrategy(Strategy):
         engine.metrics.multiverse_paths.labels(engine.model_name).inc(count)
 
     def _branch_done(self, branch: Sequence) -> None:
+        """A path closed: stream the closed paths not yet shown, in outline order; merge after the last."""
         branch.strategy_state["done"] = True
         self.engine.scheduler.remove(branch)
         parent = branch.branch_of
-        if all(b.strategy_state.get("done") for b in parent.strategy_state["branches"]):
+        st = parent.strategy_state
+        branches = st["branches"]
+        st.setdefault("shown", 0)
+        while st["shown"] < len(branches) and branches[st["shown"]].strategy_state.get("done"):
+            for token in branches[st["shown"]].token_ids[st["fork_start"] :]:
+                self.engine.append(parent, token)  # counts toward max_tokens; may end the request
+                if parent.finished:
+                    return
+            st["shown"] += 1
+        if st["shown"] == len(branches):
             self._merge(parent)
 
     def _merge(self, parent: Sequence) -> None:
         engine, blocks = self.engine, self.engine.blocks
         st = parent.strategy_state
         branches, start = st.pop("branches"), st.pop("fork_start")
+        st.pop("shown")
         goal_end = start - 1  # the parent's pending `</Goal>`: each branch computed it
         paths = [b.token_ids[start:] for b in branches]
-        tokens = [t for p in paths for t in p]
+        tokens = [t for p in paths for t in p]  # already appended to the parent, path by path
         end = start + len(tokens)
         src = blocks.slots(branches[0], goal_end, start)
         for b in branches:
@@ -153,10 +164,7 @@ class MultiverseStrategy(Strategy):
             parent.strategy_state = {"path_start": st["path_start"]}
         engine.scheduler.running.append(parent)
         parent.status = Status.RUNNING
-        for token in tokens + [self.conclusion]:  # streams the paths in outline order; stops apply
-            engine.append(parent, token)
-            if parent.finished:
-                return
+        engine.append(parent, self.conclusion)
 
     def _release(self, branches: list[Sequence]) -> None:
         for b in branches:
