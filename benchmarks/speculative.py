@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--draft-model", default=None, help="default: the demo model's own draft")
     ap.add_argument("--batch", default="1,16,64", help="comma-separated numbers of concurrent requests")
-    ap.add_argument("--strategies", default="ar,draft,ngram")
+    ap.add_argument("--strategies", default="ar,draft,ngram,mtp")
     ap.add_argument("--prompts", choices=["chat", "code"], default="chat")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)

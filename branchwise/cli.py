@@ -125,6 +125,25 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
+def cmd_train_mtp(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from branchwise.models.demo import resolve
+    from branchwise.train.mtp import train_mtp
+
+    info = train_mtp(
+        resolve(args.model),
+        Path(args.out) if args.out else None,
+        args.minutes,
+        args.device,
+        args.seed,
+        args.num_prompts,
+        args.max_tokens,
+        args.data,
+    )
+    print(json.dumps(info, indent=2))
+
+
 def cmd_eval_demo(args: argparse.Namespace) -> None:
     from branchwise.models.demo import resolve
     from branchwise.train.eval import eval_demo
@@ -179,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     offline = bench.add_parser("offline", help="every strategy and the transformers baselines, in-process")
     offline.add_argument("--model", default="demo")
     offline.add_argument("--draft-model", default=None)
-    offline.add_argument("--strategies", default="ar,draft,ngram,multiverse")
+    offline.add_argument("--strategies", default="ar,draft,ngram,mtp,multiverse")
     offline.add_argument("--batch-sizes", default="1,8,32")
     offline.add_argument("--dataset", default="chat", help="code|extraction|arithmetic|chat or a JSONL file")
     offline.add_argument("--max-tokens", type=int, default=128)
@@ -198,6 +217,18 @@ def main(argv: list[str] | None = None) -> None:
         "--init", default=None, help="continue training a demo checkpoint (e.g. the shipped one)"
     )
     demo.set_defaults(func=cmd_train_demo)
+    mtp = train.add_parser("mtp", help="self-distil an MTP module for a frozen model")
+    mtp.add_argument("--model", default="demo")
+    mtp.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget, generation included")
+    mtp.add_argument("--device", default="auto")
+    mtp.add_argument("--seed", type=int, default=0)
+    mtp.add_argument("--num-prompts", type=int, default=2000, help="prompts the model completes for training")
+    mtp.add_argument("--max-tokens", type=int, default=160, help="tokens the model writes per prompt")
+    mtp.add_argument(
+        "--data", default=None, help="JSONL prompts ({prompt} or {messages}); default: demo tasks"
+    )
+    mtp.add_argument("--out", default=None, help="output file (default: mtp.safetensors beside the model)")
+    mtp.set_defaults(func=cmd_train_mtp)
     ev = train.add_parser("eval-demo", help="accuracy of the demo model on held-out tasks")
     ev.add_argument("--model", default="demo")
     ev.add_argument("--tasks", type=int, default=200)

@@ -31,6 +31,11 @@ class EngineConfig(BaseModel):
         None,
         description="draft checkpoint of the 'draft' strategy (default: a draft/ folder beside the model)",
     )
+    mtp_model: str | None = Field(
+        None,
+        description="MTP weights of the 'mtp' strategy (default: the checkpoint's own MTP layer, else "
+        "mtp.safetensors beside the model)",
+    )
     num_speculative_tokens: int = Field(
         5, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
     )

@@ -59,10 +59,12 @@ def tiny_mistral_sliding(tmp_path_factory, tokenizer) -> str:
 @pytest.fixture(scope="session")
 def spec_target(tmp_path_factory, tiny_llama) -> str:
     """A 2-layer random model whose second layer adds little, with its first layer alone saved beside it
-    as `draft/`: a draft that agrees often, not always (speculative decoding and constraint tests)."""
+    as `draft/` and as an MTP module: drafters that agree often, not always (speculative decoding and
+    constraint tests)."""
     from transformers import AutoModelForCausalLM
 
     from branchwise.models.loader import load_tokenizer
+    from branchwise.models.mtp import save_mtp
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     for proj in (model.model.layers[1].self_attn.o_proj, model.model.layers[1].mlp.down_proj):
@@ -70,6 +72,7 @@ def spec_target(tmp_path_factory, tiny_llama) -> str:
     path = tmp_path_factory.mktemp("spec_target")
     model.save_pretrained(path)
     load_tokenizer(tiny_llama).save_pretrained(path)
+    save_mtp(first_layer_as_mtp(model), path / "mtp.safetensors")
     model.model.layers = model.model.layers[:1]
     model.config.num_hidden_layers = 1
     model.save_pretrained(path / "draft")
@@ -83,3 +86,19 @@ def prompts(tokenizer) -> list[list[int]]:
     ids = tokenizer.encode(text, add_special_tokens=False)
     lengths = [3, 90, 17, 5, 64, 33, 8, 71, 12, 50, 4, 27, 81, 9, 40, 21]
     return [ids[i * 37 : i * 37 + n] for i, n in enumerate(lengths)]
+
+
+def first_layer_as_mtp(model):
+    """An MTP module that computes the target's first layer over the tokens (the normed embedding passes
+    through eh_proj, the target's hidden state is ignored): it predicts what the one-layer model would."""
+    from branchwise.models.mtp import MTPModule
+
+    mtp = MTPModule(model)
+    mtp.block.load_state_dict(model.model.layers[0].state_dict())
+    mtp.shared_head.norm.load_state_dict(model.model.norm.state_dict())
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :hidden] = torch.eye(hidden)
+        mtp.enorm.weight.fill_(float(model.model.embed_tokens.weight.pow(2).mean(-1).sqrt().mean()))
+    return mtp

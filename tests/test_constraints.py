@@ -106,7 +106,7 @@ def texts(llm: LLM, prompts, params, strategy: str, **strategy_params) -> list:
     return [c for o in outs for c in o.outputs]
 
 
-@pytest.mark.parametrize("strategy", ["ar", "draft", "ngram"])
+@pytest.mark.parametrize("strategy", ["ar", "draft", "ngram", "mtp"])
 def test_every_output_validates_with_every_strategy_greedy_and_sampled(llm, prompts, strategy):
     for name, schema in SCHEMAS.items():
         constraint = Constraint.json_schema(schema)
@@ -121,7 +121,7 @@ def test_constrained_greedy_is_the_same_for_every_strategy(llm, prompts):
     for schema in (SCHEMAS["nested"], SCHEMAS["refs"], SCHEMAS["array_bounds_enum"]):
         params = SamplingParams(temperature=0, max_tokens=200, constraint=Constraint.json_schema(schema))
         ar = [o.token_ids for o in texts(llm, prompts[:8], params, "ar")]
-        for strategy in ("draft", "ngram"):
+        for strategy in ("draft", "ngram", "mtp"):
             for k in (1, 4):
                 outs = texts(llm, prompts[:8], params, strategy, num_speculative_tokens=k)
                 assert [o.token_ids for o in outs] == ar
@@ -210,7 +210,7 @@ def test_demo_model_extraction_validates_with_every_strategy():
     rng = random.Random(21)
     jobs = [extraction(rng) for _ in range(12)]
     prompts = [demo.chat_prompt([{"role": "user", "content": m}]) for m, _, _ in jobs]
-    for strategy in ("ar", "draft", "ngram"):
+    for strategy in ("ar", "draft", "ngram", "mtp"):
         for temperature in (0.0, 1.0):
             params = [
                 SamplingParams(

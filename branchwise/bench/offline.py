@@ -103,7 +103,7 @@ def hf_baselines(
 
 def bench_offline(
     model: str = "demo",
-    strategies: tuple[str, ...] = ("ar", "draft", "ngram", "multiverse"),
+    strategies: tuple[str, ...] = ("ar", "draft", "ngram", "mtp", "multiverse"),
     batch_sizes: tuple[int, ...] = (1, 8, 32),
     dataset: str = "chat",
     max_tokens: int = 128,

@@ -24,6 +24,7 @@ from branchwise.engine.scheduler import Scheduler
 from branchwise.engine.sequence import SamplingParams, Sequence, SeqUpdate, Status
 from branchwise.models import demo
 from branchwise.models.loader import kv_shape, load_model, load_tokenizer, resolve_device, resolve_dtype
+from branchwise.models.mtp import find_mtp, load_mtp
 from branchwise.strategies import Plan, Strategy, Verdict, strategy_class
 from branchwise.strategies.speculative import CostModel
 
@@ -51,12 +52,17 @@ class LLMEngine:
         draft_path = demo.resolve_draft(self.model_path, config.draft_model)
         self.draft_path = draft_path
         self.draft_model = load_model(draft_path, self.dtype, self.device) if draft_path else None
+        # likewise an MTP module (the checkpoint's own layer or our trainer's file): one more layer of K/V
+        found = find_mtp(self.model_path, config.mtp_model)
+        self.mtp = load_mtp(self.model, *found) if found else None
         bs = config.block_size
         block_bytes = 0
         for model in filter(None, (self.model, self.draft_model)):
             layers, kv_heads, head_dim = kv_shape(model)
             block_bytes += pool_block_bytes(layers, bs, kv_heads, head_dim, self.dtype)
         layers, kv_heads, head_dim = kv_shape(self.model)
+        if self.mtp is not None:
+            block_bytes += pool_block_bytes(1, bs, kv_heads, head_dim, self.dtype)
         self.num_blocks = config.num_blocks or self._auto_num_blocks(block_bytes)
         self.blocks = BlockManager(self.num_blocks, bs)
         pool = new_pool(layers, self.num_blocks, bs, kv_heads, head_dim, self.dtype, self.device)
@@ -88,6 +94,8 @@ class LLMEngine:
         self.strategy(config.strategy)  # fail at start-up, not at the first request
         if self.draft_model is not None:
             self.strategy("draft")  # its K/V pool and CUDA graphs, before any request
+        if self.mtp is not None:
+            self.strategy("mtp")
         self._requests: dict[str, list[Sequence]] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._seq_ids = itertools.count()
@@ -274,6 +282,14 @@ class LLMEngine:
             self._fail([p.seq for p in plans], e)
             return
         plans += self._fork_siblings(plans)
+        by_strategy: dict[str, list[Plan]] = defaultdict(list)
+        for p in plans:
+            by_strategy[p.seq.strategy].append(p)
+        for name, group in by_strategy.items():
+            try:
+                self.strategy(name).on_forward(group, out)
+            except Exception as e:
+                self._fail([p.seq for p in group], e)
         groups: dict[str, list[Plan]] = defaultdict(list)
         for p in plans:
             if p.num_logits:
@@ -311,7 +327,9 @@ class LLMEngine:
                     self.blocks.fork(p.seq, child)
                     child.status = Status.RUNNING
                     self.scheduler.running.append(child)
-                    born.append(Plan(child, p.tokens, p.num_logits, logits_row=p.logits_row))
+                    born.append(
+                        Plan(child, p.tokens, p.num_logits, logits_row=p.logits_row, token_row=p.token_row)
+                    )
                 p.seq.forks = []
         return born
 

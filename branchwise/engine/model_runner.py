@@ -51,6 +51,53 @@ class Packed:
         return int(np.diff(self.query_start).max())
 
 
+def pack(plans: list[Plan], block_size: int) -> Packed:
+    """The plans as host arrays; sets each plan's logits_row and token_row."""
+    lens = np.array([len(p.tokens) for p in plans])
+    query_start = np.concatenate([[0], np.cumsum(lens)])
+    owner = np.repeat(np.arange(len(plans)), lens)
+    starts = np.array([p.start for p in plans])
+    kv = np.arange(query_start[-1]) - query_start[owner] + starts[owner]
+    tables = np.zeros((len(plans), max(len(p.seq.block_table) for p in plans)), dtype=np.int64)
+    positions = kv + np.array([p.seq.position_offset for p in plans])[owner]
+    logit_idx, r = [], 0
+    for b, p in enumerate(plans):
+        tables[b, : len(p.seq.block_table)] = p.seq.block_table
+        if p.positions is not None:
+            positions[query_start[b] : query_start[b + 1]] = p.positions
+        p.logits_row, p.token_row = r, int(query_start[b])
+        logit_idx.append(np.arange(query_start[b + 1] - p.num_logits, query_start[b + 1]))
+        r += p.num_logits
+    return Packed(
+        ids=np.fromiter((t for p in plans for t in p.tokens), dtype=np.int64, count=int(query_start[-1])),
+        positions=positions,
+        slots=tables[owner, kv // block_size] * block_size + kv % block_size,
+        owner=owner,
+        query_start=query_start,
+        seq_lens=starts + lens,
+        tables=tables,
+        masks=[p.mask for p in plans],
+        logit_idx=np.concatenate(logit_idx),
+    )
+
+
+def to_device(
+    packed: Packed, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, AttentionMetadata]:
+    """(input_ids, metadata) on the device for an eager forward."""
+    meta = build_metadata(
+        packed.slots,
+        packed.positions,
+        np.diff(packed.query_start).tolist(),
+        packed.seq_lens.tolist(),
+        torch.from_numpy(packed.tables),
+        packed.masks,
+        block_size,
+        device,
+    )
+    return torch.from_numpy(packed.ids).to(device, non_blocking=True), meta
+
+
 class ModelRunner:
     """One model (target or draft) and its K/V pool; every pool shares the engine's block ids."""
 
@@ -66,48 +113,10 @@ class ModelRunner:
         self.graphs: CudaGraphs | None = None
 
     def pack(self, plans: list[Plan]) -> Packed:
-        """The plans as host arrays; sets each plan's logits_row."""
-        lens = np.array([len(p.tokens) for p in plans])
-        query_start = np.concatenate([[0], np.cumsum(lens)])
-        owner = np.repeat(np.arange(len(plans)), lens)
-        starts = np.array([p.start for p in plans])
-        kv = np.arange(query_start[-1]) - query_start[owner] + starts[owner]
-        tables = np.zeros((len(plans), max(len(p.seq.block_table) for p in plans)), dtype=np.int64)
-        positions = kv + np.array([p.seq.position_offset for p in plans])[owner]
-        logit_idx, r = [], 0
-        for b, p in enumerate(plans):
-            tables[b, : len(p.seq.block_table)] = p.seq.block_table
-            if p.positions is not None:
-                positions[query_start[b] : query_start[b + 1]] = p.positions
-            p.logits_row = r
-            logit_idx.append(np.arange(query_start[b + 1] - p.num_logits, query_start[b + 1]))
-            r += p.num_logits
-        bs = self.block_size
-        return Packed(
-            ids=np.fromiter((t for p in plans for t in p.tokens), dtype=np.int64, count=int(query_start[-1])),
-            positions=positions,
-            slots=tables[owner, kv // bs] * bs + kv % bs,
-            owner=owner,
-            query_start=query_start,
-            seq_lens=starts + lens,
-            tables=tables,
-            masks=[p.mask for p in plans],
-            logit_idx=np.concatenate(logit_idx),
-        )
+        return pack(plans, self.block_size)
 
     def metadata(self, packed: Packed) -> tuple[torch.Tensor, AttentionMetadata]:
-        """(input_ids, metadata) on the device for an eager forward."""
-        meta = build_metadata(
-            packed.slots,
-            packed.positions,
-            np.diff(packed.query_start).tolist(),
-            packed.seq_lens.tolist(),
-            torch.from_numpy(packed.tables),
-            packed.masks,
-            self.block_size,
-            self.device,
-        )
-        return torch.from_numpy(packed.ids).to(self.device, non_blocking=True), meta
+        return to_device(packed, self.block_size, self.device)
 
     def prepare(self, plans: list[Plan]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
         """(input_ids (T,), metadata, logits_indices (R,)); sets each plan's logits_row."""

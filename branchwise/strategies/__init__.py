@@ -2,6 +2,7 @@
 
 from branchwise.strategies.base import Plan, Strategy, Verdict
 from branchwise.strategies.draft import DraftStrategy
+from branchwise.strategies.mtp import MTPStrategy
 from branchwise.strategies.multiverse import MultiverseStrategy
 from branchwise.strategies.ngram import NgramStrategy
 
@@ -9,6 +10,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "ar": Strategy,
     "draft": DraftStrategy,
     "ngram": NgramStrategy,
+    "mtp": MTPStrategy,
     "multiverse": MultiverseStrategy,
 }
 ALIASES = {"autoregressive": "ar", "prompt_lookup": "ngram", "speculative": "draft"}

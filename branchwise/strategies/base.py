@@ -36,6 +36,7 @@ class Plan:
     draft_probs: torch.Tensor | None = None  # (len(drafts), V) drafter distribution, None if deterministic
     payload: Any = None  # strategy-owned (e.g. a tree's retrieve indices)
     logits_row: int = -1  # filled in by the runner: first row of this plan's logits
+    token_row: int = -1  # filled in by the runner: this plan's first token in the packed batch
 
     def __post_init__(self) -> None:
         if self.start is None:
@@ -93,6 +94,10 @@ class Strategy:
             pending = len(p.tokens) - len(p.drafts)
             verdicts.append(Verdict(p.drafts[:a] + [t], list(range(r, r + a + 1)), list(range(pending + a))))
         return verdicts
+
+    def on_forward(self, plans: list[Plan], out: ForwardOutput) -> None:
+        """After the target forward, before verification: every plan of this strategy's sequences,
+        prefill chunks included (an MTP module keeps the hidden states it drafts from)."""
 
     def on_commit(self, seq: Sequence) -> None:
         """After the engine appended a step's tokens to `seq` (still running)."""

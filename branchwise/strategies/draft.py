@@ -60,22 +60,17 @@ class DraftStrategy(SpeculativeStrategy):
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, k in enumerate(want) if k > 0]
         consumed = [0] * len(seqs)  # drafted tokens each matcher advanced through
+        carry: list = [None] * len(seqs)  # what a drafter passes from one depth to the next
         for depth in range(max((want[i] for i in active), default=0)):
             idx = [i for i in active if want[i] > depth]
             if not idx:  # every chain still going has met the end of its grammar
                 break
-            plans = []
-            for i in idx:
-                seq, st = seqs[i], self.state(seqs[i])
-                if depth == 0:  # catch up on every token the draft has not seen, then draft
-                    plans.append(Plan(seq, seq.token_ids[st["computed"] :], start=st["computed"]))
-                else:
-                    plans.append(Plan(seq, [drafts[i][-1]], start=seq.num_tokens + depth - 1))
-                st["computed"] = plans[-1].start + len(plans[-1].tokens)
+            plans = [self.draft_plan(seqs[i], depth, drafts[i], carry[i]) for i in idx]
             started = time.perf_counter()
-            out = self.runner.forward(plans)
+            logits, carried = self.draft_forward(plans)
+            for j, i in enumerate(idx):
+                carry[i] = carried[j]
             group = [seqs[i] for i in idx]
-            logits = out.logits
             if any(s.matcher is not None for s in group):  # draft only what the grammar allows
                 logits = self._mask(logits, group)
             q = sampler.target_probs(logits[:, None], group)[:, 0]
@@ -102,6 +97,21 @@ class DraftStrategy(SpeculativeStrategy):
             q_t = torch.stack(q) if d and not seq.params.greedy else None
             plans.append(Plan(seq, pending + d, num_logits=len(d) + 1, drafts=d, draft_probs=q_t))
         return plans
+
+    def draft_plan(self, seq: Sequence, depth: int, drafted: list[int], carry) -> Plan:
+        """The tokens `seq` feeds the drafter at `depth`: first every token it has not seen, then the
+        chain's last drafted token."""
+        st = self.state(seq)
+        if depth == 0:
+            plan = Plan(seq, seq.token_ids[st["computed"] :], start=st["computed"])
+        else:
+            plan = Plan(seq, [drafted[-1]], start=seq.num_tokens + depth - 1)
+        st["computed"] = plan.start + len(plan.tokens)
+        return plan
+
+    def draft_forward(self, plans: list[Plan]) -> tuple[torch.Tensor, list]:
+        """(logits of each plan's last token, what each chain carries to the next depth)."""
+        return self.runner.forward(plans).logits, [None] * len(plans)
 
     def _mask(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         constrained = [j for j, s in enumerate(seqs) if s.matcher is not None]
