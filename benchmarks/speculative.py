@@ -63,9 +63,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="every run prefills its prompts (an 'mtp' run otherwise reuses blocks 'ar' computed, which "
+        "hold no module entries)",
+    )
     args = ap.parse_args()
 
-    llm = LLM(args.model, draft_model=args.draft_model, device=args.device, max_num_seqs=256)
+    llm = LLM(
+        args.model,
+        draft_model=args.draft_model,
+        device=args.device,
+        max_num_seqs=256,
+        prefix_cache=not args.no_prefix_cache,
+    )
     strategies = args.strategies.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     make = chat_prompts if args.prompts == "chat" else code_prompts
@@ -113,6 +125,7 @@ def main() -> None:
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
+        "prefix_cache": engine.config.prefix_cache,
         "rows": rows,
     }
     name = "cuda" if engine.device.type == "cuda" else "cpu"

@@ -102,6 +102,33 @@ def test_mtp_is_lossless_under_preemption_and_prefix_cache_hits(spec_target, pro
     assert tight.engine.blocks.num_available == tight.engine.num_blocks
 
 
+def test_mtp_reuses_cached_blocks_only_where_its_own_entries_are(spec_target, prompts):
+    """A prefix-cache hit on blocks an MTP request computed keeps the module's context; on blocks only
+    the target computed (an 'ar' request), the module attends to its own entries after them."""
+    requests = [prompts[1][:64] + p[:8] for p in prompts[:4]]
+
+    def windows(llm, strategy):
+        seen = []
+        draft_plan = strategy.draft_plan
+
+        def recording(seq, depth, drafted, carry):
+            plan = draft_plan(seq, depth, drafted, carry)
+            seen.append(plan.first_block)
+            return plan
+
+        strategy.draft_plan = recording
+        assert [o.token_ids for o in outputs(llm, requests, GREEDY, "mtp")] == ar
+        strategy.draft_plan = draft_plan
+        return seen
+
+    llm = LLM(spec_target, max_num_batched_tokens=256)
+    ar = [o.token_ids for o in outputs(llm, requests, GREEDY, "ar")]
+    assert min(windows(llm, llm.engine.strategy("mtp"))) == 4  # 64 cached tokens computed by 'ar'
+    fresh = LLM(spec_target, max_num_batched_tokens=256)
+    windows(fresh, fresh.engine.strategy("mtp"))
+    assert set(windows(fresh, fresh.engine.strategy("mtp"))) == {0}  # hits on its own blocks
+
+
 def _checkpoint_with_mtp_keys(src: str, dst, prefix: str, rename: dict, hidden_first: bool) -> None:
     """The target's folder with the MTP layer stored inside its own model.safetensors (no mtp file)."""
     shutil.copytree(src, dst, dirs_exist_ok=True)

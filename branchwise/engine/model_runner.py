@@ -56,13 +56,16 @@ def pack(plans: list[Plan], block_size: int) -> Packed:
     lens = np.array([len(p.tokens) for p in plans])
     query_start = np.concatenate([[0], np.cumsum(lens)])
     owner = np.repeat(np.arange(len(plans)), lens)
-    starts = np.array([p.start for p in plans])
+    skipped = np.array([p.first_block * block_size for p in plans])  # K/V before it is not attended
+    starts = np.array([p.start for p in plans]) - skipped
     kv = np.arange(query_start[-1]) - query_start[owner] + starts[owner]
-    tables = np.zeros((len(plans), max(len(p.seq.block_table) for p in plans)), dtype=np.int64)
-    positions = kv + np.array([p.seq.position_offset for p in plans])[owner]
+    tables = np.zeros(
+        (len(plans), max(len(p.seq.block_table) - p.first_block for p in plans)), dtype=np.int64
+    )
+    positions = kv + (skipped + np.array([p.seq.position_offset for p in plans]))[owner]
     logit_idx, r = [], 0
     for b, p in enumerate(plans):
-        tables[b, : len(p.seq.block_table)] = p.seq.block_table
+        tables[b, : len(p.seq.block_table) - p.first_block] = p.seq.block_table[p.first_block :]
         if p.positions is not None:
             positions[query_start[b] : query_start[b + 1]] = p.positions
         p.logits_row, p.token_row = r, int(query_start[b])

@@ -32,6 +32,7 @@ class Plan:
     positions: list[int] | None = None  # None: consecutive from `start`
     mask: torch.Tensor | None = None  # (n, n) bool intra-step mask; None: causal
     start: int | None = None  # KV index of tokens[0]; None: seq.num_computed
+    first_block: int = 0  # attend only to K/V from this block of the sequence on (MTP after a cache hit)
     drafts: list[int] = field(default_factory=list)  # drafted chain (the tail of `tokens`)
     draft_probs: torch.Tensor | None = None  # (len(drafts), V) drafter distribution, None if deterministic
     payload: Any = None  # strategy-owned (e.g. a tree's retrieve indices)

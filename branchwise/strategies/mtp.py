@@ -45,6 +45,10 @@ class MTPStrategy(DraftStrategy):
         engine.blocks.pools.append(self.pool)  # copies and moves of blocks apply to its K/V too
         self.hidden_size = engine.model.config.hidden_size
         self.cost = CostModel()
+        # block id -> hash of the token prefix its module entries were written for: a prefix-cache hit
+        # may reuse a block's entries only if they belong to the same prefix (a block computed by a
+        # request of another strategy has none)
+        self.written: dict[int, int] = {}
 
     def state(self, seq: Sequence) -> dict:
         st = SpeculativeStrategy.state(self, seq)
@@ -53,11 +57,32 @@ class MTPStrategy(DraftStrategy):
             self._restart(st, 0)
         return st
 
-    def _restart(self, st: dict, position: int) -> None:
-        """Entries from `position` on are missing; the target hidden state before it is unknown (zeros)."""
+    def _restart(self, st: dict, position: int, first_block: int = 0) -> None:
+        """Entries from `position` on are missing; the target hidden state before it is unknown (zeros);
+        the module attends to its entries from `first_block` on."""
         st["computed"] = position
         st["first"] = position - 1  # position of the first kept hidden row
         st["hidden"] = [torch.zeros(1, self.hidden_size, dtype=self.engine.dtype, device=self.engine.device)]
+        st["first_block"] = first_block
+        st.setdefault("hashes", [])  # chain hashes of the sequence's full blocks' token prefixes
+        st["marked"] = max(first_block, position // self.engine.config.block_size)
+
+    def _hashes(self, seq: Sequence, st: dict, count: int) -> list[int]:
+        bs, hashes = self.engine.config.block_size, st["hashes"]
+        while len(hashes) < count:
+            b = len(hashes)
+            hashes.append(hash((hashes[-1] if hashes else 0, *seq.token_ids[b * bs : (b + 1) * bs])))
+        return hashes
+
+    def _reused_from(self, seq: Sequence, st: dict, position: int) -> int:
+        """After a prefix-cache hit up to `position`: the first block of the longest run of cached blocks,
+        ending at the hit, that hold module entries of this very prefix."""
+        count = position // self.engine.config.block_size
+        hashes = self._hashes(seq, st, count)
+        first = count
+        while first > 0 and self.written.get(seq.block_table[first - 1]) == hashes[first - 1]:
+            first -= 1
+        return first
 
     def on_forward(self, plans: list[Plan], out: ForwardOutput) -> None:
         """Keep the target's hidden state of every fed position for the module's next catch-up."""
@@ -65,7 +90,7 @@ class MTPStrategy(DraftStrategy):
             st = self.state(p.seq)
             have = st["first"] + sum(len(h) for h in st["hidden"])
             if st["first"] > p.start or have < p.start:  # a gap: a prefix-cache hit, a forked sibling
-                self._restart(st, p.start)
+                self._restart(st, p.start, self._reused_from(p.seq, st, p.start))
             elif have > p.start:  # rows of tokens the target did not keep (rejected drafts)
                 rows = torch.cat(st["hidden"])[: p.start - st["first"]]
                 st["hidden"] = [rows]
@@ -73,18 +98,26 @@ class MTPStrategy(DraftStrategy):
 
     def draft_plan(self, seq: Sequence, depth: int, drafted: list[int], carry) -> Plan:
         st = self.state(seq)
+        first_block = st["first_block"]
         if depth:  # the module again, on its own last output and the token it drafted
-            return Plan(seq, [drafted[-1]], start=seq.num_tokens + depth - 1, payload=carry[None])
+            start = seq.num_tokens + depth - 1
+            self.written.pop(seq.block_table[start // self.engine.config.block_size], None)
+            return Plan(seq, [drafted[-1]], start=start, payload=carry[None], first_block=first_block)
         # entries computed..num_computed: token j with the target's hidden state of position j - 1
         rows = torch.cat(st["hidden"])[: seq.num_computed - st["first"]]
         if len(rows) != seq.num_computed - st["first"]:  # hidden states missing: draft from here on
             self._restart(st, seq.num_computed)
             rows = st["hidden"][0]
-        plan = Plan(
-            seq, seq.token_ids[st["computed"] : seq.num_computed + 1], start=st["computed"], payload=rows
-        )
+        tokens = seq.token_ids[st["computed"] : seq.num_computed + 1]
+        plan = Plan(seq, tokens, start=st["computed"], payload=rows, first_block=first_block)
         st["computed"] = seq.num_computed + 1
         st["first"], st["hidden"] = seq.num_computed, []
+        full = seq.num_computed // self.engine.config.block_size  # blocks whose entries are now written
+        hashes = self._hashes(seq, st, full)
+        for b in range(st["marked"], full):
+            self.written[seq.block_table[b]] = hashes[b]
+        st["marked"] = max(st["marked"], full)
+        self.written.pop(seq.block_table[full], None)  # partly written: no prefix's entries in full
         return plan
 
     @torch.inference_mode()
