@@ -52,8 +52,7 @@ class MTPStrategy(DraftStrategy):
 
     def state(self, seq: Sequence) -> dict:
         st = SpeculativeStrategy.state(self, seq)
-        if "computed" not in st:
-            st["computed"] = 0  # module entries 0..computed-1 are in its K/V
+        if "computed" not in st:  # module entries 0..computed-1 are in its K/V
             self._restart(st, 0)
         return st
 
