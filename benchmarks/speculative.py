@@ -52,12 +52,26 @@ def run(llm: LLM, prompts: list[list[int]], strategy: str, max_tokens: int) -> d
     }
 
 
+def tree_acceptance(engine) -> dict[str, dict[str, list[float]]]:
+    """Medusa trees over the whole run: depth -> rank -> [accepted, proposed] nodes."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for column, counter in enumerate((engine.metrics.tree_accepted, engine.metrics.tree_proposed)):
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    cell = table.setdefault(sample.labels["depth"], {}).setdefault(
+                        sample.labels["rank"], [0, 0]
+                    )
+                    cell[column] = sample.value
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo")
     ap.add_argument("--draft-model", default=None, help="default: the demo model's own draft")
     ap.add_argument("--batch", default="1,16,64", help="comma-separated numbers of concurrent requests")
-    ap.add_argument("--strategies", default="ar,draft,ngram,mtp")
+    ap.add_argument("--strategies", default="ar,draft,ngram,mtp,medusa")
     ap.add_argument("--prompts", choices=["chat", "code"], default="chat")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
@@ -127,6 +141,7 @@ def main() -> None:
         "repeats": args.repeats,
         "prefix_cache": engine.config.prefix_cache,
         "rows": rows,
+        "tree_acceptance": tree_acceptance(engine),
     }
     name = "cuda" if engine.device.type == "cuda" else "cpu"
     out = Path(args.out or Path(__file__).parent / "results" / f"speculative-{name}.json")

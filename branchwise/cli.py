@@ -144,6 +144,27 @@ def cmd_train_mtp(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
+def cmd_train_medusa(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from branchwise.models.demo import resolve
+    from branchwise.train.medusa import train_medusa
+
+    info = train_medusa(
+        resolve(args.model),
+        Path(args.out) if args.out else None,
+        args.minutes,
+        args.device,
+        args.seed,
+        args.num_heads,
+        args.num_layers,
+        args.num_prompts,
+        args.max_tokens,
+        args.data,
+    )
+    print(json.dumps(info, indent=2))
+
+
 def cmd_eval_demo(args: argparse.Namespace) -> None:
     from branchwise.models.demo import resolve
     from branchwise.train.eval import eval_demo
@@ -155,6 +176,20 @@ def time_tag() -> str:
     import time
 
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def add_self_distillation_args(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The flags of every trainer that learns from a frozen model's own completions."""
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget, generation included")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-prompts", type=int, default=2000, help="prompts the model completes")
+    parser.add_argument("--max-tokens", type=int, default=160, help="tokens the model writes per prompt")
+    parser.add_argument(
+        "--data", default=None, help="JSONL prompts ({prompt} or {messages}); default: demo tasks"
+    )
+    parser.add_argument("--out", default=None, help=out_help)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,17 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     demo.set_defaults(func=cmd_train_demo)
     mtp = train.add_parser("mtp", help="self-distil an MTP module for a frozen model")
-    mtp.add_argument("--model", default="demo")
-    mtp.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget, generation included")
-    mtp.add_argument("--device", default="auto")
-    mtp.add_argument("--seed", type=int, default=0)
-    mtp.add_argument("--num-prompts", type=int, default=2000, help="prompts the model completes for training")
-    mtp.add_argument("--max-tokens", type=int, default=160, help="tokens the model writes per prompt")
-    mtp.add_argument(
-        "--data", default=None, help="JSONL prompts ({prompt} or {messages}); default: demo tasks"
-    )
-    mtp.add_argument("--out", default=None, help="output file (default: mtp.safetensors beside the model)")
+    add_self_distillation_args(mtp, "output file (default: mtp.safetensors beside the model)")
     mtp.set_defaults(func=cmd_train_mtp)
+    medusa = train.add_parser("medusa", help="self-distil Medusa heads for a frozen model")
+    add_self_distillation_args(medusa, "output folder (default: medusa/ beside the model)")
+    medusa.add_argument("--num-heads", type=int, default=4)
+    medusa.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
+    medusa.set_defaults(func=cmd_train_medusa)
     ev = train.add_parser("eval-demo", help="accuracy of the demo model on held-out tasks")
     ev.add_argument("--model", default="demo")
     ev.add_argument("--tasks", type=int, default=200)

@@ -36,6 +36,11 @@ class EngineConfig(BaseModel):
         description="MTP weights of the 'mtp' strategy (default: the checkpoint's own MTP layer, else "
         "mtp.safetensors beside the model)",
     )
+    medusa_heads: str | None = Field(
+        None,
+        description="Medusa heads of the 'medusa' strategy: a folder in the authors' layout (default: a "
+        "medusa/ folder beside the model)",
+    )
     num_speculative_tokens: int = Field(
         5, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
     )

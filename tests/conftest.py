@@ -64,6 +64,7 @@ def spec_target(tmp_path_factory, tiny_llama) -> str:
     from transformers import AutoModelForCausalLM
 
     from branchwise.models.loader import load_tokenizer
+    from branchwise.models.medusa import save_heads
     from branchwise.models.mtp import save_mtp
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -73,6 +74,7 @@ def spec_target(tmp_path_factory, tiny_llama) -> str:
     model.save_pretrained(path)
     load_tokenizer(tiny_llama).save_pretrained(path)
     save_mtp(first_layer_as_mtp(model), path / "mtp.safetensors")
+    save_heads(next_token_heads(model, 3), path / "medusa", str(path))
     model.model.layers = model.model.layers[:1]
     model.config.num_hidden_layers = 1
     model.save_pretrained(path / "draft")
@@ -102,3 +104,15 @@ def first_layer_as_mtp(model):
         mtp.eh_proj.weight[:, :hidden] = torch.eye(hidden)
         mtp.enorm.weight.fill_(float(model.model.embed_tokens.weight.pow(2).mean(-1).sqrt().mean()))
     return mtp
+
+
+def next_token_heads(model, num_heads: int):
+    """Medusa heads that each guess the model's own next token again (identity blocks, the model's output
+    projection): right where the text repeats itself."""
+    from branchwise.models.medusa import MedusaHeads
+
+    heads = MedusaHeads(model.config.hidden_size, model.config.vocab_size, num_heads, 1)
+    with torch.no_grad():
+        for head in heads.heads:
+            head[-1].weight.copy_(model.get_output_embeddings().weight)
+    return heads

@@ -106,7 +106,7 @@ def texts(llm: LLM, prompts, params, strategy: str, **strategy_params) -> list:
     return [c for o in outs for c in o.outputs]
 
 
-@pytest.mark.parametrize("strategy", ["ar", "draft", "ngram", "mtp"])
+@pytest.mark.parametrize("strategy", ["ar", "draft", "ngram", "mtp", "medusa"])
 def test_every_output_validates_with_every_strategy_greedy_and_sampled(llm, prompts, strategy):
     for name, schema in SCHEMAS.items():
         constraint = Constraint.json_schema(schema)
@@ -125,6 +125,9 @@ def test_constrained_greedy_is_the_same_for_every_strategy(llm, prompts):
             for k in (1, 4):
                 outs = texts(llm, prompts[:8], params, strategy, num_speculative_tokens=k)
                 assert [o.token_ids for o in outs] == ar
+        for choices in (None, [[0], [1], [2], [0, 0], [1, 0], [0, 0, 0]]):  # adaptive and pinned trees
+            outs = texts(llm, prompts[:8], params, "medusa", **({"choices": choices} if choices else {}))
+            assert [o.token_ids for o in outs] == ar
 
 
 def test_regex_choice_and_lark_grammars(llm, prompts):
@@ -210,7 +213,7 @@ def test_demo_model_extraction_validates_with_every_strategy():
     rng = random.Random(21)
     jobs = [extraction(rng) for _ in range(12)]
     prompts = [demo.chat_prompt([{"role": "user", "content": m}]) for m, _, _ in jobs]
-    for strategy in ("ar", "draft", "ngram", "mtp"):
+    for strategy in ("ar", "draft", "ngram", "mtp", "medusa"):
         for temperature in (0.0, 1.0):
             params = [
                 SamplingParams(

@@ -196,7 +196,8 @@ def test_demo_mtp_module_is_lossless_and_accepts_most_first_drafts():
     from branchwise.models.demo import ASSET_DIR
 
     llm = LLM()
-    assert find_mtp(str(ASSET_DIR)) == (str(ASSET_DIR / OWN_FILE), "model.layers.6.")
+    layers = llm.engine.model.config.num_hidden_layers
+    assert find_mtp(str(ASSET_DIR)) == (str(ASSET_DIR / OWN_FILE), f"model.layers.{layers}.")
     chats = [llm.chat_prompt(r["messages"]) for r in load_records("chat")[:16]]
     params = SamplingParams(temperature=0, max_tokens=96)
     ar = [o.token_ids for o in outputs(llm, chats, params, "ar")]

@@ -74,7 +74,7 @@ def test_strategies_mix_per_request_in_one_batch(llm_truncated, prompts):
     ar = [o.token_ids for o in outputs(llm_truncated, prompts, GREEDY, "ar")]
     engine = llm_truncated.engine
     for i, p in enumerate(prompts):
-        engine.add_request(f"mix{i}", p, GREEDY, ["ar", "draft", "ngram", "mtp"][i % 4])
+        engine.add_request(f"mix{i}", p, GREEDY, ["ar", "draft", "ngram", "mtp", "medusa"][i % 5])
     got: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for u in engine.step():

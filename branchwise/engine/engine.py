@@ -24,6 +24,7 @@ from branchwise.engine.scheduler import Scheduler
 from branchwise.engine.sequence import SamplingParams, Sequence, SeqUpdate, Status
 from branchwise.models import demo
 from branchwise.models.loader import kv_shape, load_model, load_tokenizer, resolve_device, resolve_dtype
+from branchwise.models.medusa import find_heads, load_heads
 from branchwise.models.mtp import find_mtp, load_mtp
 from branchwise.strategies import Plan, Strategy, Verdict, strategy_class
 from branchwise.strategies.speculative import CostModel
@@ -55,6 +56,8 @@ class LLMEngine:
         # likewise an MTP module (the checkpoint's own layer or our trainer's file): one more layer of K/V
         found = find_mtp(self.model_path, config.mtp_model)
         self.mtp = load_mtp(self.model, *found) if found else None
+        heads = find_heads(self.model_path, config.medusa_heads)
+        self.medusa = load_heads(heads, self.model) if heads else None
         bs = config.block_size
         block_bytes = 0
         for model in filter(None, (self.model, self.draft_model)):

@@ -81,6 +81,19 @@ class EngineMetrics:
             s + ["position"],
             registry=r,
         )
+        # token trees (Medusa): a node is the rank-th candidate of the head at its depth
+        self.tree_proposed = Counter(
+            "branchwise:spec_decode_tree_proposed_tokens",
+            "Tree nodes proposed, by depth and candidate rank",
+            s + ["depth", "rank"],
+            registry=r,
+        )
+        self.tree_accepted = Counter(
+            "branchwise:spec_decode_tree_accepted_tokens",
+            "Tree nodes accepted, by depth and candidate rank",
+            s + ["depth", "rank"],
+            registry=r,
+        )
         self.constrained = Counter(
             "branchwise:structured_output_requests", "Requests with a grammar constraint", m, registry=r
         )

@@ -107,12 +107,15 @@ def verify_chains(
     stop_ids: Seq[set[int]],
     draft_probs: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
+    accepted: Seq[int] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Accept a prefix of each sequence's drafted chain and sample the token after it.
 
     logits: (R, V); sequence b's K_b + 1 rows start at first_rows[b] (row k scores the token after draft k).
     draft_probs: (B, K, V) drafter distributions, or None for a deterministic drafter.
     allowed: (B, K + 1, V) bool grammar masks per row, or None.
+    accepted: drafts already accepted by another rule (Medusa's typical acceptance, lossy): each chain's
+    drafts are kept as they are and only the token after them is sampled.
     Returns (num_accepted, next_token) per sequence.
     """
     B = len(seqs)
@@ -138,7 +141,9 @@ def verify_chains(
         return num_acc.tolist(), best.gather(1, num_acc[:, None])[:, 0].tolist()
     p = target_probs(x, seqs)
     u = _uniforms(seqs, k_s, K + 1).to(device)
-    if K:
+    if accepted is not None:
+        num_acc = torch.tensor(list(accepted), device=device)
+    elif K:
         p_d = p[:, :K].gather(-1, draft_t[:, :K, None])[..., 0]  # (B, K)
         q_d = 1.0 if draft_probs is None else draft_probs.gather(-1, draft_t[:, :K, None])[..., 0]
         accept = (u[:, :K] * q_d < p_d) & (pos[None, :K] < k_t[:, None])

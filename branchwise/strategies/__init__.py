@@ -2,6 +2,7 @@
 
 from branchwise.strategies.base import Plan, Strategy, Verdict
 from branchwise.strategies.draft import DraftStrategy
+from branchwise.strategies.medusa import MedusaStrategy
 from branchwise.strategies.mtp import MTPStrategy
 from branchwise.strategies.multiverse import MultiverseStrategy
 from branchwise.strategies.ngram import NgramStrategy
@@ -11,6 +12,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "draft": DraftStrategy,
     "ngram": NgramStrategy,
     "mtp": MTPStrategy,
+    "medusa": MedusaStrategy,
     "multiverse": MultiverseStrategy,
 }
 ALIASES = {"autoregressive": "ar", "prompt_lookup": "ngram", "speculative": "draft"}

@@ -86,7 +86,9 @@ class Strategy:
         stop_ids = [self.engine.stop_token_ids(s) for s in seqs]
         allowed = None
         if any(s.matcher is not None for s in seqs):
-            allowed = grammar_masks(self.engine, plans, out.logits.shape[-1], out.logits.device)
+            matchers = [s.matcher for s in seqs]
+            drafts = [p.drafts for p in plans]
+            allowed = grammar_masks(self.engine, matchers, drafts, out.logits.shape[-1], out.logits.device)
         num_acc, nxt = sampler.verify_chains(
             out.logits, seqs, first, [p.drafts for p in plans], stop_ids, probs, allowed
         )
@@ -123,21 +125,21 @@ def _stack_draft_probs(plans: list[Plan], vocab: int, device: torch.device) -> t
     return probs
 
 
-def grammar_masks(engine: LLMEngine, plans: list[Plan], vocab: int, device: torch.device) -> torch.Tensor:
-    """(B, K + 1, V) allowed tokens at every verified row, each with the matcher state *of that row*:
-    the matcher advances through the plan's drafts to build one mask per position, then rolls back."""
-    K = max(len(p.drafts) for p in plans)
-    constrained = [b for b, p in enumerate(plans) if p.seq.matcher is not None]
+def grammar_masks(
+    engine: LLMEngine, matchers: list, drafts: list[list[int]], vocab: int, device: torch.device
+) -> torch.Tensor:
+    """(B, K + 1, V) allowed tokens at every verified row of each chain, each with the matcher state *of
+    that row*: a matcher (None: unconstrained) advances through its chain's drafts, then rolls back."""
+    K = max(len(d) for d in drafts)
+    constrained = [b for b, m in enumerate(matchers) if m is not None]
     started = time.perf_counter()
-    bitmask = engine.grammars().masks(
-        [plans[b].seq.matcher for b in constrained], [plans[b].drafts for b in constrained]
-    )
+    bitmask = engine.grammars().masks([matchers[b] for b in constrained], [drafts[b] for b in constrained])
     engine.metrics.mask_time.labels(engine.model_name).observe(time.perf_counter() - started)
     rows = unpack(bitmask, vocab, device)
-    allowed = torch.ones(len(plans), K + 1, vocab, dtype=torch.bool, device=device)
+    allowed = torch.ones(len(matchers), K + 1, vocab, dtype=torch.bool, device=device)
     at = 0
     for b in constrained:
-        n = len(plans[b].drafts) + 1
+        n = len(drafts[b]) + 1
         allowed[b, :n] = rows[at : at + n]
         at += n
     return allowed

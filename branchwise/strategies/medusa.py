@@ -1,0 +1,426 @@
+"""Medusa (Cai et al. 2024): heads on the target's last hidden state guess the next tokens, and a tree of
+their top-k candidates is verified in the engine's one target forward under a tree mask.
+
+Head k reads the final-normed hidden state that produced the pending token and guesses the token k + 1
+after it. A tree is a list of Medusa "choices": (r1, ..., rd) is the node that takes head 1's r1-th
+candidate, then head 2's r2-th, ...; it sits at position start + d and sees the prefix, the pending token
+and its ancestors only. The longest path whose tokens the target itself would have chosen is accepted,
+its K/V is compacted into the sequence's slots (`Verdict.kv_keep`) and the rest is rolled back; the hidden
+state of the last accepted row feeds the heads at the next step (no extra forward).
+
+Greedy requests are lossless. Sampled requests use the authors' typical acceptance (a node is accepted when
+the target gives it more than min(posterior_threshold, posterior_alpha * exp(-entropy)) probability): fast
+but lossy, the output no longer follows the target distribution exactly.
+
+The tree adapts: every (depth, rank) keeps an estimate of how often such a node is accepted when its parent
+is; the step's tree holds, best first, the nodes whose path probability beats the cost of feeding one more
+token (the rule `speculative.py` uses for chains). A request may pin its own tree with `choices`.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from branchwise.engine import sampler
+from branchwise.engine.sequence import Sequence
+from branchwise.strategies.base import Plan, Strategy, Verdict, grammar_masks
+from branchwise.strategies.speculative import SpeculativeStrategy
+
+if TYPE_CHECKING:
+    from branchwise.engine.engine import LLMEngine
+    from branchwise.engine.model_runner import ForwardOutput
+
+MAX_NODES = 64  # the largest tree (nodes besides the root)
+TOP_K = 8  # candidates a head offers per position
+PRIOR_WEIGHT = 4.0  # pseudo-observations behind each (depth, rank) acceptance prior
+DECAY = 0.995  # per step, old acceptance evidence fades
+POSTERIOR_THRESHOLD, POSTERIOR_ALPHA = 0.09, 0.3  # the authors' typical-acceptance defaults
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A token tree: index 0 is the pending token (the root), node i of `choices` is index i + 1."""
+
+    choices: tuple[tuple[int, ...], ...]  # sorted: every node after its ancestors
+    depth: np.ndarray  # (N + 1,) root 0
+    mask: torch.Tensor  # (N + 1, N + 1) bool: row i sees its ancestors and itself
+    paths: tuple[tuple[int, ...], ...]  # root-to-leaf index paths (root excluded), one per leaf
+    parent: tuple[int, ...]  # (N + 1,) index of each node's parent (root: -1)
+
+
+@functools.lru_cache(maxsize=512)
+def build_tree(choices: tuple[tuple[int, ...], ...]) -> Tree:
+    """The tree of a sorted, prefix-closed choice list (every node's parent is in the list)."""
+    index = {c: i + 1 for i, c in enumerate(choices)}
+    n = len(choices) + 1
+    mask = torch.eye(n, dtype=torch.bool)
+    mask[:, 0] = True
+    parent = [-1]
+    for i, c in enumerate(choices, 1):
+        parent.append(index[c[:-1]] if len(c) > 1 else 0)
+        for k in range(1, len(c)):
+            mask[i, index[c[:k]]] = True
+    inner = set(parent)
+    paths = tuple(
+        tuple(index[c[:k]] for k in range(1, len(c) + 1)) for i, c in enumerate(choices, 1) if i not in inner
+    )
+    depth = np.array([0] + [len(c) for c in choices])
+    return Tree(choices, depth, mask, paths, tuple(parent))
+
+
+def check_choices(choices, num_heads: int) -> tuple[tuple[int, ...], ...]:
+    """A request's choice list, validated: sorted so that parents come first."""
+    if not isinstance(choices, list) or not 0 < len(choices) <= MAX_NODES:
+        raise ValueError(f"choices must be a list of 1 to {MAX_NODES} nodes")
+    nodes = set()
+    for c in choices:
+        if not (isinstance(c, list) and c and all(isinstance(r, int) and 0 <= r < TOP_K for r in c)):
+            raise ValueError(f"each choice must be a non-empty list of ranks in [0, {TOP_K}), got {c!r}")
+        if len(c) > num_heads:
+            raise ValueError(f"choice {c} is deeper than the {num_heads} Medusa heads")
+        nodes.add(tuple(c))
+    for c in nodes:
+        if len(c) > 1 and c[:-1] not in nodes:
+            raise ValueError(f"choice {list(c)} has no parent {list(c[:-1])} in the list")
+    return tuple(sorted(nodes, key=lambda c: (len(c), c)))
+
+
+class MedusaStrategy(SpeculativeStrategy):
+    name = "medusa"
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__(engine)
+        if engine.medusa is None:
+            raise ValueError(
+                "strategy 'medusa' needs Medusa heads: --medusa-heads FOLDER (the authors' layout) or a "
+                "medusa/ folder beside the model (`branchwise train medusa`)"
+            )
+        self.heads = engine.medusa
+        self.num_heads = self.heads.num_heads
+        # (depth, rank) -> [accepted, reached]: reached = the node's parent was accepted
+        self.evidence = {
+            (d, r): [PRIOR_WEIGHT * self._prior(d, r), PRIOR_WEIGHT]
+            for d in range(1, self.num_heads + 1)
+            for r in range(TOP_K)
+        }
+        self.nodes: list[tuple[int, ...]] = []  # this step's tree, best first
+        self.nodes_step = -1
+
+    @staticmethod
+    def _prior(depth: int, rank: int) -> float:
+        return 0.6 * 0.4**rank
+
+    def parse_params(self, params: dict) -> dict:
+        """`choices`: a fixed tree; `posterior_threshold`, `posterior_alpha`: typical acceptance."""
+        unknown = set(params) - {"choices", "posterior_threshold", "posterior_alpha"}
+        if unknown:
+            raise ValueError(
+                "strategy 'medusa' takes choices, posterior_threshold and posterior_alpha, got "
+                f"{sorted(unknown)}"
+            )
+        out = dict(params)
+        if "choices" in params:
+            out["choices"] = check_choices(params["choices"], self.num_heads)
+        for key in ("posterior_threshold", "posterior_alpha"):
+            v = params.get(key)
+            if v is not None and not (isinstance(v, int | float) and 0 < v <= 1):
+                raise ValueError(f"{key} must be a number in (0, 1]")
+        return out
+
+    # -- the tree ---------------------------------------------------------------------------------
+    def _rate(self, depth: int, rank: int) -> float:
+        accepted, reached = self.evidence[(depth, rank)]
+        return accepted / reached
+
+    def _best_nodes(self, threshold: float) -> list[tuple[int, ...]]:
+        """Nodes in order of estimated path probability while it beats `threshold`; every prefix of the
+        list is a tree (a node enters the queue only once its parent and its next-better sibling left it)."""
+        heap = [(-self._rate(1, 0), (0,))]
+        out: list[tuple[int, ...]] = []
+        while heap and len(out) < MAX_NODES:
+            neg, c = heapq.heappop(heap)
+            if -neg <= threshold:
+                break
+            out.append(c)
+            d, r = len(c), c[-1]
+            if r + 1 < TOP_K:
+                sibling = -neg / max(self._rate(d, r), 1e-9) * self._rate(d, r + 1)
+                heapq.heappush(heap, (-sibling, c[:-1] + (r + 1,)))
+            if d < self.num_heads:
+                heapq.heappush(heap, (neg * self._rate(d + 1, 0), c + (0,)))
+        return out
+
+    def lookahead(self, seq: Sequence) -> int:
+        st = self.state(seq)
+        if st.get("hidden") is None:
+            return 0
+        room = min(MAX_NODES, self.engine.max_model_len - seq.num_tokens - 1)
+        fixed = seq.strategy_params.get("choices")
+        if fixed is not None:
+            return max(0, min(len(fixed), room))
+        if self.engine.num_steps != self.step:
+            self._new_step()
+        if self.plain or room <= 0:
+            return 0
+        if self.nodes_step != self.step:
+            _, per_token = self.engine.step_cost.fit()
+            self.nodes = self._best_nodes(per_token * self.engine.goodput * self.penalty)
+            self.nodes_step = self.step
+        n = min(len(self.nodes), room)
+        self.drafting |= n > 0
+        return n
+
+    def _choices(self, seq: Sequence, budget: int) -> tuple[tuple[int, ...], ...]:
+        """This step's tree for `seq`, cut to its budget and to the tokens it may still emit."""
+        fixed = seq.strategy_params.get("choices")
+        nodes = list(fixed) if fixed is not None else self.nodes
+        left = (seq.params.max_tokens or self.engine.max_model_len) - seq.num_output_tokens
+        nodes = [c for c in nodes[:budget] if len(c) < left]
+        return tuple(sorted(nodes))
+
+    # -- propose ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
+        states = [self.state(s) for s in seqs]
+        trees = [
+            self._choices(s, b - 1) if b > 1 and st.get("hidden") is not None else ()
+            for s, b, st in zip(seqs, budgets, states, strict=True)
+        ]
+        drafting = [i for i, t in enumerate(trees) if t]
+        top: list = []
+        if drafting:
+            hidden = torch.stack([states[i]["hidden"] for i in drafting])
+            top = self.heads(hidden).topk(TOP_K, dim=-1).indices.tolist()  # (heads, B, TOP_K)
+        plans = []
+        for i, seq in enumerate(seqs):
+            pending = seq.token_ids[seq.num_computed :]
+            if not trees[i]:
+                plans.append(Plan(seq, pending))
+                continue
+            j = drafting.index(i)
+            tokens = {c: top[len(c) - 1][j][c[-1]] for c in trees[i]}
+            choices = trees[i] if seq.matcher is None else _prune(seq, trees[i], tokens)
+            if not choices:
+                plans.append(Plan(seq, pending))
+                continue
+            tree = build_tree(choices)
+            drafts = [tokens[c] for c in choices]
+            positions = (seq.num_computed + seq.position_offset + tree.depth).tolist()
+            plans.append(
+                Plan(
+                    seq,
+                    pending + drafts,
+                    num_logits=len(drafts) + 1,
+                    positions=positions,
+                    mask=tree.mask,
+                    drafts=drafts,
+                    payload=tree,
+                )
+            )
+        return plans
+
+    # -- verify -----------------------------------------------------------------------------------
+    def verify(self, plans: list[Plan], out: ForwardOutput) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(plans)
+        plain = [i for i, p in enumerate(plans) if p.payload is None]
+        if plain:  # prefill ends, steps without a tree
+            for i, v in zip(plain, Strategy.verify(self, [plans[i] for i in plain], out), strict=True):
+                verdicts[i] = v
+        trees = [i for i, p in enumerate(plans) if p.payload is not None]
+        fast = [i for i in trees if _plain_greedy(plans[i].seq)]
+        for i, v in zip(fast, self._verify_greedy(plans, fast, out), strict=True):
+            verdicts[i] = v
+        general = [i for i in trees if i not in fast]
+        for i, v in zip(general, self._verify_paths(plans, general, out), strict=True):
+            verdicts[i] = v
+        self._keep_hidden(plans, verdicts, out)
+        self._learn(plans, verdicts)
+        return verdicts
+
+    def _verify_greedy(self, plans: list[Plan], idx: list[int], out: ForwardOutput) -> list[Verdict]:
+        """Greedy with no penalties or grammar: the target's argmax at every tree row, then walk the paths."""
+        if not idx:
+            return []
+        rows = np.concatenate([np.arange(len(plans[i].tokens)) + plans[i].logits_row for i in idx])
+        best = out.logits[torch.from_numpy(rows).to(out.logits.device)].argmax(-1).tolist()
+        verdicts, at = [], 0
+        for i in idx:
+            p, tree = plans[i], plans[i].payload
+            choice = best[at : at + len(p.tokens)]
+            at += len(p.tokens)
+            chain: tuple[int, ...] = ()
+            for path in tree.paths:
+                a = 0
+                while a < len(path) and p.tokens[path[a]] == choice[path[a - 1] if a else 0]:
+                    a += 1
+                if a > len(chain):
+                    chain = path[:a]
+            verdicts.append(_verdict(p, chain, choice[chain[-1] if chain else 0]))
+        return verdicts
+
+    def _verify_paths(self, plans: list[Plan], idx: list[int], out: ForwardOutput) -> list[Verdict]:
+        """Penalties, grammars or sampling: each root-to-leaf path as a chain through the sampler's rule
+        (greedy: the longest accepted path), or the path typical acceptance picks (sampled)."""
+        if not idx:
+            return []
+        chains: list[tuple[int, tuple[int, ...]]] = []  # (plan index, path) for greedy sequences
+        picked: list[tuple[int, tuple[int, ...]]] = []  # (plan index, accepted path) for sampled ones
+        sampled = [i for i in idx if not plans[i].seq.params.greedy]
+        accept = self._typical(plans, sampled, out)
+        for i in idx:
+            tree = plans[i].payload
+            if plans[i].seq.params.greedy:
+                chains += [(i, path) for path in tree.paths]
+                continue
+            best: tuple[int, ...] = ()
+            for path in tree.paths:
+                a = 0
+                while a < len(path) and accept[i][path[a]]:
+                    a += 1
+                if a > len(best):
+                    best = path[:a]
+            picked.append((i, best))
+        results: dict[int, list[tuple[int, tuple[int, ...], int]]] = {}
+        for group, typical in ((chains, False), (picked, True)):
+            if not group:
+                continue
+            num_acc, nxt = self._run_chains(plans, group, out, typical)
+            for (i, path), a, t in zip(group, num_acc, nxt, strict=True):
+                results.setdefault(i, []).append((a, path, t))
+        verdicts = []
+        for i in idx:
+            a, path, t = max(results[i], key=lambda r: r[0])  # the first of the longest
+            verdicts.append(_verdict(plans[i], path[:a], t))
+        return verdicts
+
+    def _run_chains(
+        self, plans: list[Plan], group: list[tuple[int, tuple[int, ...]]], out: ForwardOutput, typical: bool
+    ) -> tuple[list[int], list[int]]:
+        """verify_chains over root-to-node paths, each gathered into consecutive logits rows."""
+        rows, first = [], []
+        for i, path in group:
+            first.append(len(rows))
+            rows += [plans[i].logits_row + r for r in (0, *path)]
+        logits = out.logits[torch.tensor(rows, device=out.logits.device)]
+        seqs = [plans[i].seq for i, _ in group]
+        drafts = [[plans[i].tokens[r] for r in path] for i, path in group]
+        allowed = None
+        if any(s.matcher is not None for s in seqs):
+            # a matcher copy per chain: the chains of one sequence advance through different tokens
+            matchers = [s.matcher.deep_copy() if s.matcher is not None else None for s in seqs]
+            allowed = grammar_masks(self.engine, matchers, drafts, logits.shape[-1], logits.device)
+        return sampler.verify_chains(
+            logits,
+            seqs,
+            first,
+            drafts,
+            [self.engine.stop_token_ids(s) for s in seqs],
+            None,
+            allowed,
+            [len(d) for d in drafts] if typical else None,
+        )
+
+    def _typical(self, plans: list[Plan], idx: list[int], out: ForwardOutput) -> dict[int, list[bool]]:
+        """Typical acceptance of every node of sampled sequences: p(node | parent) above
+        min(threshold, alpha * exp(-entropy of the parent's distribution))."""
+        if not idx:
+            return {}
+        rows = np.concatenate([np.arange(len(plans[i].tokens)) + plans[i].logits_row for i in idx])
+        temps = torch.tensor(
+            [max(plans[i].seq.params.temperature, 1e-5) for i in idx for _ in plans[i].tokens],
+            device=out.logits.device,
+        )
+        logp = torch.log_softmax(
+            out.logits[torch.from_numpy(rows).to(out.logits.device)] / temps[:, None], -1
+        )
+        entropy = -(logp.exp() * logp).sum(-1)
+        parents, tokens, limits, at = [], [], [], 0
+        for i in idx:
+            p, params = plans[i], plans[i].seq.strategy_params
+            threshold = params.get("posterior_threshold", POSTERIOR_THRESHOLD)
+            alpha = params.get("posterior_alpha", POSTERIOR_ALPHA)
+            parents += [at + max(r, 0) for r in p.payload.parent]
+            tokens += p.tokens
+            limits += [(threshold, alpha)] * len(p.tokens)
+            at += len(p.tokens)
+        parents_t = torch.tensor(parents, device=logp.device)
+        prob = logp[parents_t, torch.tensor(tokens, device=logp.device)].exp()
+        limit = torch.minimum(
+            torch.tensor([t for t, _ in limits], device=logp.device),
+            torch.tensor([a for _, a in limits], device=logp.device) * torch.exp(-entropy[parents_t]),
+        )
+        ok = (prob > limit).tolist()
+        result, at = {}, 0
+        for i in idx:
+            result[i] = ok[at : at + len(plans[i].tokens)]
+            at += len(plans[i].tokens)
+        return result
+
+    # -- after verification -----------------------------------------------------------------------
+    def _keep_hidden(self, plans: list[Plan], verdicts: list[Verdict], out: ForwardOutput) -> None:
+        """The hidden state that scored each sequence's new pending token feeds the heads next step."""
+        rows = [v.logit_rows[-1] for v in verdicts]
+        if not rows:
+            return
+        hidden = out.hidden[torch.tensor(rows, device=out.hidden.device)].clone()
+        for p, h in zip(plans, hidden, strict=True):
+            self.state(p.seq)["hidden"] = h
+
+    def _learn(self, plans: list[Plan], verdicts: list[Verdict]) -> None:
+        """Update the (depth, rank) acceptance estimates and the tree-position metrics."""
+        proposed, accepted = Counter(), Counter()
+        for ev in self.evidence.values():
+            ev[0] *= DECAY
+            ev[1] *= DECAY
+        for p, v in zip(plans, verdicts, strict=True):
+            tree = p.payload
+            if tree is None:
+                continue
+            kept = set(v.kv_keep)  # the root and the accepted nodes
+            for k, c in enumerate(tree.choices, 1):
+                key = (len(c), c[-1])
+                proposed[key] += 1
+                if tree.parent[k] in kept:  # reached: its parent was accepted
+                    self.evidence[key][1] += 1
+                    if k in kept:
+                        self.evidence[key][0] += 1
+                        accepted[key] += 1
+        labels = (self.engine.model_name, self.name)
+        metrics = self.engine.metrics
+        for (d, r), n in proposed.items():
+            metrics.tree_proposed.labels(*labels, str(d), str(r)).inc(n)
+        for (d, r), n in accepted.items():
+            metrics.tree_accepted.labels(*labels, str(d), str(r)).inc(n)
+
+    def on_preempt(self, seq: Sequence) -> None:
+        seq.strategy_state = None  # the hidden state belongs to K/V that is gone: one plain step first
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    p = seq.params
+    return p.greedy and seq.matcher is None and not p.has_penalties and not p.min_tokens
+
+
+def _verdict(plan: Plan, chain: tuple[int, ...], token: int) -> Verdict:
+    """Accept the nodes of `chain` (indices into plan.tokens), then `token`."""
+    kept = [0, *chain]
+    return Verdict([plan.tokens[k] for k in chain] + [token], [plan.logits_row + k for k in kept], kept)
+
+
+def _prune(seq: Sequence, choices: tuple[tuple[int, ...], ...], tokens: dict) -> tuple[tuple[int, ...], ...]:
+    """Drop the nodes (and their subtrees) whose tokens the sequence's grammar rejects."""
+    kept: set[tuple[int, ...]] = set()
+    for c in choices:  # parents first
+        if len(c) > 1 and c[:-1] not in kept:
+            continue
+        path = [tokens[c[:k]] for k in range(1, len(c) + 1)]
+        if seq.matcher.validate_tokens(path) == len(path):
+            kept.add(c)
+    return tuple(c for c in choices if c in kept)

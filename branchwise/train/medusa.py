@@ -1,0 +1,154 @@
+"""`branchwise train medusa`: Medusa heads for a frozen model, by self-distillation.
+
+The model writes its own training text (as for the MTP module: greedy completions of a prompt set, a
+quarter sampled), then head k learns, at every position, the model's own distribution of the token k + 1
+beyond the one the model predicts there (soft cross-entropy, head k weighted 0.8^k as the authors do).
+Each head starts as the identity block and a copy of the model's output projection. Saved in the authors'
+layout (`config.json` + `medusa_lm_head.safetensors`), by default in a `medusa/` folder beside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from branchwise.models.loader import decoder_of, resolve_device
+from branchwise.models.medusa import MedusaHeads, save_heads
+from branchwise.train.mtp import demo_prompts, read_prompts, self_generate
+
+log = logging.getLogger(__name__)
+
+HEAD_DECAY = 0.8
+
+
+def new_heads(base: torch.nn.Module, num_heads: int, num_layers: int) -> MedusaHeads:
+    hidden = base.config.hidden_size
+    lm_head = base.get_output_embeddings().weight
+    heads = MedusaHeads(hidden, lm_head.shape[0], num_heads, num_layers)
+    with torch.no_grad():
+        for head in heads.heads:
+            head[-1].weight.copy_(lm_head)
+    return heads
+
+
+def medusa_loss(
+    base: torch.nn.Module, heads: MedusaHeads, ids: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, list[float]]:
+    """(loss, per-head top-1 agreement with the model): head k at position t against the model's
+    distribution at position t + k + 1."""
+    with torch.no_grad():
+        hidden = decoder_of(base)(input_ids=ids, use_cache=False).last_hidden_state
+        teacher = F.softmax(base.get_output_embeddings()(hidden).float(), dim=-1)
+    logits = heads(hidden)
+    loss, agree = 0.0, []
+    for k in range(heads.num_heads):
+        shift = k + 1
+        logp = F.log_softmax(logits[k][:, :-shift].float(), dim=-1)
+        target, mask = teacher[:, shift:], valid[:, shift:]
+        per_token = -(target * logp).sum(-1)
+        loss = loss + HEAD_DECAY**k * (per_token * mask).sum() / mask.sum().clamp(min=1)
+        same = (logp.argmax(-1) == target.argmax(-1)).float()
+        agree.append(float((same * mask).sum() / mask.sum().clamp(min=1)))
+    return loss, agree
+
+
+def train_medusa(
+    model_path: str,
+    out: Path | None = None,
+    minutes: float = 10.0,
+    device: str = "auto",
+    seed: int = 0,
+    num_heads: int = 4,
+    num_layers: int = 1,
+    num_prompts: int = 2000,
+    max_tokens: int = 160,
+    data: str | None = None,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+) -> dict:
+    """Train Medusa heads for the model at `model_path` within `minutes`; writes the heads' folder `out`
+    (default: medusa/ beside the model) with a JSON record of the run."""
+    start = time.monotonic()
+    dev = resolve_device(device)
+    out = out or Path(model_path) / "medusa"
+    prompts = read_prompts(data) if data else demo_prompts(num_prompts, seed + 11)
+    rows = self_generate(model_path, prompts, max_tokens, str(dev), seed)
+    generated_s = time.monotonic() - start
+    log.info("self-generated %d rows (%d tokens) in %.0fs", len(rows), sum(map(len, rows)), generated_s)
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+    base = base.to(dev).eval().requires_grad_(False)
+    heads = new_heads(base, num_heads, num_layers).to(dev).train()
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    pad = base.config.pad_token_id or 0
+    held = rows[: max(1, len(rows) // 20)]  # agreement is reported on rows the heads never train on
+    rows = rows[len(held) :]
+    seconds = minutes * 60 - (time.monotonic() - start)
+    train_start, step, history = time.monotonic(), 0, []
+    order: list[int] = []
+    bar = tqdm(desc="medusa heads", unit="step", dynamic_ncols=True)
+    while (elapsed := time.monotonic() - train_start) < seconds:
+        for group in opt.param_groups:
+            decay = 0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / seconds))
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * decay
+        if len(order) < batch_size:
+            order = random.Random(seed + step).sample(range(len(rows)), len(rows))
+        batch = [rows[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss, _ = medusa_loss(base, heads, *_batch(batch, pad, dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+        opt.step()
+        history.append(loss.item())
+        step += 1
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(history[-10:]) / 10:.3f}")
+        bar.update(1)
+    bar.close()
+    heads.eval()
+    agree = torch.zeros(num_heads)
+    with torch.no_grad():
+        for at in range(0, len(held), batch_size):
+            chunk = held[at : at + batch_size]
+            agree += (
+                torch.tensor(medusa_loss(base, heads, *_batch(chunk, pad, dev))[1]) * len(chunk) / len(held)
+            )
+    save_heads(heads, out, str(model_path))
+    info = {
+        "model": str(model_path),
+        "seed": seed,
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "minutes": minutes,
+        "prompts": len(prompts),
+        "tokens": sum(map(len, rows)),
+        "generate_s": round(generated_s, 1),
+        "steps": step,
+        "batch_size": batch_size,
+        "num_heads": num_heads,
+        "num_layers": num_layers,
+        "head_params": sum(p.numel() for p in heads.parameters()),
+        "final_loss": sum(history[-50:]) / max(1, len(history[-50:])),
+        "held_out_top1_agreement": [round(a, 4) for a in agree.tolist()],
+        "elapsed_s": round(time.monotonic() - start, 1),
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _batch(batch: list[list[int]], pad: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, batch))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=dev)
+    valid = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in batch], device=dev)
+    return ids, valid

@@ -1,0 +1,223 @@
+"""Medusa heads with tree attention: trees from choices, lossless greedy, the authors' weight layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from prometheus_client import generate_latest
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from branchwise import LLM, SamplingParams
+from branchwise.models.medusa import MedusaHeads, find_heads, load_heads, save_heads
+from branchwise.strategies.medusa import build_tree, check_choices
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+def outputs(llm: LLM, prompts, params, strategy, **strategy_params):
+    outs = llm.generate(prompts, params, strategy=strategy, strategy_params=strategy_params or None)
+    return [o.outputs[0] for o in outs]
+
+
+@pytest.fixture(scope="module")
+def random_heads_target(tmp_path_factory, spec_target) -> str:
+    """The speculative target with random Medusa heads: acceptance near zero."""
+    path = tmp_path_factory.mktemp("random_heads")
+    shutil.copytree(spec_target, path, dirs_exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(spec_target)
+    torch.manual_seed(3)
+    heads = MedusaHeads(model.config.hidden_size, model.config.vocab_size, 4, 2)
+    for p in heads.parameters():
+        p.data.normal_(0, 0.2)
+    shutil.rmtree(path / "medusa")
+    save_heads(heads, path / "medusa", spec_target)
+    return str(path)
+
+
+def test_tree_from_a_hand_checked_choice_list():
+    choices = check_choices([[1], [0, 0, 0], [0], [0, 1], [0, 0]], num_heads=3)
+    assert choices == ((0,), (1,), (0, 0), (0, 1), (0, 0, 0))
+    tree = build_tree(tuple(sorted(choices)))
+    # index: 0 root, 1 (0,), 2 (0,0), 3 (0,0,0), 4 (0,1), 5 (1,)
+    assert tree.choices == ((0,), (0, 0), (0, 0, 0), (0, 1), (1,))
+    assert tree.depth.tolist() == [0, 1, 2, 3, 2, 1]
+    assert tree.parent == (-1, 0, 1, 2, 1, 0)
+    assert tree.paths == ((1, 2, 3), (1, 4), (5,))
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],
+            [1, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(tree.mask, expected)
+
+
+@pytest.mark.parametrize(
+    "choices, message",
+    [
+        ([[0, 1]], "no parent"),
+        ([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]], "deeper than"),
+        ([[0], [-1]], "ranks in"),
+        ([], "list of 1 to"),
+    ],
+)
+def test_bad_choice_lists_are_refused(choices, message):
+    with pytest.raises(ValueError, match=message):
+        check_choices(choices, num_heads=3)
+
+
+@pytest.mark.parametrize("which", ["spec_target", "random_heads_target"])
+def test_medusa_greedy_equals_autoregressive(which, request, prompts):
+    llm = LLM(request.getfixturevalue(which), max_num_batched_tokens=256)
+    assert llm.engine.medusa is not None
+    ar = [o.token_ids for o in outputs(llm, prompts, GREEDY, "ar")]
+    adaptive = outputs(llm, prompts, GREEDY, "medusa")
+    assert [o.token_ids for o in adaptive] == ar
+    pinned = outputs(llm, prompts, GREEDY, "medusa", choices=[[0], [1], [0, 0], [1, 0], [0, 0, 0], [2]])
+    assert [o.token_ids for o in pinned] == ar
+    assert all(o.num_draft_steps > 0 for o in pinned)
+    accepted = sum(o.num_accepted for o in pinned) / sum(o.num_draft_steps for o in pinned)
+    assert accepted < 0.2  # trained heads (test_demo_heads_...) accept far more; exactness must not care
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks
+
+
+def test_medusa_is_exact_under_preemption_penalties_and_a_small_cache(spec_target, prompts):
+    """Few blocks force preemption (the heads' hidden state is dropped with the K/V); penalties take the
+    per-path verification."""
+    llm = LLM(spec_target, num_blocks=24, block_size=8, max_num_batched_tokens=64, prefix_cache=False)
+    for params in (GREEDY, SamplingParams(temperature=0, max_tokens=32, repetition_penalty=1.3)):
+        ar = [o.token_ids for o in outputs(llm, prompts[:8], params, "ar")]
+        medusa = outputs(llm, prompts[:8], params, "medusa", choices=[[0], [0, 0], [1], [0, 0, 0]])
+        assert [o.token_ids for o in medusa] == ar
+    assert llm.engine.metrics.preemptions.labels(llm.engine.model_name)._value.get() > 0
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks
+
+
+def test_sampled_requests_use_typical_acceptance_and_end_cleanly(spec_target, prompts):
+    llm = LLM(spec_target, max_num_batched_tokens=256)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, ignore_eos=True, seed=1, logprobs=2)
+    typical = dict(posterior_threshold=0.05, posterior_alpha=0.2, choices=[[0], [1], [0, 0], [0, 0, 0]])
+    outs = outputs(llm, prompts[:6], params, "medusa", **typical)
+    assert all(len(o.token_ids) == 24 and len(o.logprobs) == 24 for o in outs)
+    assert sum(o.num_accepted for o in outs) > 0
+    # seeded and with a fixed tree, reproducible (an adaptive tree changes how many uniforms a step draws)
+    again = outputs(llm, prompts[:6], params, "medusa", **typical)
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+    with pytest.raises(ValueError, match="posterior_alpha"):
+        llm.generate(prompts[:1], params, strategy="medusa", strategy_params={"posterior_alpha": 2})
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks
+
+
+def test_tree_acceptance_metrics_by_depth_and_rank(spec_target, prompts):
+    llm = LLM(spec_target)
+    outs = outputs(llm, prompts, GREEDY, "medusa", choices=[[0], [1], [0, 0], [0, 0, 0]])
+    text = generate_latest(llm.engine.metrics.registry).decode()
+    assert 'spec_decode_tree_proposed_tokens_total{depth="3"' in text
+
+    def total(counter) -> float:
+        return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+    assert total(llm.engine.metrics.tree_proposed) == sum(o.num_drafted for o in outs)
+    assert total(llm.engine.metrics.tree_accepted) == sum(o.num_accepted for o in outs) > 0
+
+
+def test_heads_load_from_the_authors_layout(tmp_path, spec_target):
+    """Keys as the Medusa authors save them ({head}.{layer}.linear.*, {head}.{num_layers}.weight), as
+    safetensors and as .pt, beside their config.json."""
+    model = AutoModelForCausalLM.from_pretrained(spec_target)
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    torch.manual_seed(0)
+    state = {}
+    for h in range(2):
+        for layer in range(2):
+            state[f"{h}.{layer}.linear.weight"] = torch.randn(hidden, hidden) * 0.1
+            state[f"{h}.{layer}.linear.bias"] = torch.randn(hidden) * 0.1
+        state[f"{h}.2.weight"] = torch.randn(vocab, hidden) * 0.1
+    config = {"medusa_num_heads": 2, "medusa_num_layers": 2, "base_model_name_or_path": "x"}
+    x = torch.randn(3, hidden)
+    expected = []
+    for h in range(2):
+        y = x
+        for layer in range(2):
+            w, b = state[f"{h}.{layer}.linear.weight"], state[f"{h}.{layer}.linear.bias"]
+            y = y + torch.nn.functional.silu(y @ w.T + b)
+        expected.append(y @ state[f"{h}.2.weight"].T)
+    for name in ("medusa_lm_head.safetensors", "medusa_lm_head.pt"):
+        folder = tmp_path / name.split(".")[1]
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        if name.endswith(".pt"):
+            torch.save(state, folder / name)
+        else:
+            save_file(state, str(folder / name))
+        assert find_heads(spec_target, str(folder)) == str(folder)
+        heads = load_heads(str(folder), model)
+        assert heads.num_heads == 2 and heads.num_layers == 2
+        torch.testing.assert_close(heads(x), torch.stack(expected), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="holds no Medusa heads"):
+        find_heads(spec_target, str(tmp_path))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(
+        {
+            "0.0.linear.weight": torch.zeros(4, 4),
+            "0.0.linear.bias": torch.zeros(4),
+            "0.1.weight": torch.zeros(7, 4),
+        },
+        str(bad / "medusa_lm_head.safetensors"),
+    )
+    with pytest.raises(ValueError, match="do not fit this model"):
+        load_heads(str(bad), model)
+
+
+def test_medusa_needs_heads(tiny_llama, prompts):
+    llm = LLM(tiny_llama)
+    with pytest.raises(ValueError, match="needs Medusa heads"):
+        llm.generate(prompts[:1], GREEDY, strategy="medusa")
+
+
+def test_demo_heads_are_lossless_and_accept_two_tokens_per_step():
+    """The shipped heads on held-out chat prompts (benchmarks/data/chat.jsonl, another seed than their
+    training prompts)."""
+    from branchwise.bench.datasets import load_records
+
+    llm = LLM("demo")
+    prompts = [llm.chat_prompt(r["messages"]) for r in load_records("chat")[:16]]
+    params = SamplingParams(temperature=0, max_tokens=96)
+    ar = [o.token_ids for o in outputs(llm, prompts, params, "ar")]
+    medusa = outputs(llm, prompts, params, "medusa")
+    assert [o.token_ids for o in medusa] == ar
+    steps = sum(o.num_draft_steps for o in medusa)
+    mean_accepted_length = 1 + sum(o.num_accepted for o in medusa) / steps
+    assert mean_accepted_length >= 2.0
+    stops = [llm.tokenizer.decode(o)[9:12] for o in ar[:4]]
+    for prompt, stop in zip(prompts, stops, strict=False):  # inside an accepted run
+        params = SamplingParams(temperature=0, max_tokens=96, stop=[stop])
+        got, ref = (outputs(llm, [prompt], params, s)[0] for s in ("medusa", "ar"))
+        assert (got.text, got.token_ids, got.finish_reason) == (ref.text, ref.token_ids, "stop")
+    for n in (1, 2, 7):
+        got = outputs(llm, prompts[:4], SamplingParams(temperature=0, max_tokens=n), "medusa")
+        assert [o.token_ids for o in got] == [a[:n] for a in ar[:4]]
+
+
+def test_training_writes_heads_in_the_authors_layout(tmp_path, spec_target):
+    from branchwise.train.medusa import train_medusa
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(spec_target, model_dir)
+    shutil.rmtree(model_dir / "medusa")
+    info = train_medusa(str(model_dir), minutes=0.3, device="cpu", num_heads=2, num_prompts=16, max_tokens=24)
+    folder = model_dir / "medusa"
+    assert json.loads((folder / "config.json").read_text())["medusa_num_heads"] == 2
+    assert info["steps"] > 0 and len(info["held_out_top1_agreement"]) == 2
+    llm = LLM(str(model_dir))
+    assert llm.engine.medusa is not None and llm.engine.medusa.num_heads == 2
