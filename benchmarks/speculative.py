@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from branchwise import LLM, SamplingParams
+from branchwise.bench.offline import tree_acceptance
 from branchwise.train.demo_data import arithmetic, extraction
 from branchwise.train.tokenizer import stdlib_files
 
@@ -50,20 +51,6 @@ def run(llm: LLM, prompts: list[list[int]], strategy: str, max_tokens: int) -> d
         "drafted_per_step": sum(c.num_drafted for c in done) / steps if steps else 0.0,
         "outputs": [c.token_ids for c in done],
     }
-
-
-def tree_acceptance(engine) -> dict[str, dict[str, list[float]]]:
-    """Medusa trees over the whole run: depth -> rank -> [accepted, proposed] nodes."""
-    table: dict[str, dict[str, list[float]]] = {}
-    for column, counter in enumerate((engine.metrics.tree_accepted, engine.metrics.tree_proposed)):
-        for metric in counter.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    cell = table.setdefault(sample.labels["depth"], {}).setdefault(
-                        sample.labels["rank"], [0, 0]
-                    )
-                    cell[column] = sample.value
-    return table
 
 
 def main() -> None:

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     offline = bench.add_parser("offline", help="every strategy and the transformers baselines, in-process")
     offline.add_argument("--model", default="demo")
     offline.add_argument("--draft-model", default=None)
-    offline.add_argument("--strategies", default="ar,draft,ngram,mtp,multiverse")
+    offline.add_argument("--strategies", default="ar,draft,ngram,mtp,medusa,multiverse")
     offline.add_argument("--batch-sizes", default="1,8,32")
     offline.add_argument("--dataset", default="chat", help="code|extraction|arithmetic|chat or a JSONL file")
     offline.add_argument("--max-tokens", type=int, default=128)

@@ -191,3 +191,44 @@ def counter(llm: LLM, suffix: str) -> float:
         for s in m.samples
         if s.name.endswith("_total")
     )
+
+
+def test_nested_parallel_blocks_fork_inside_a_path_and_merge(llm):
+    """A grammar makes every outer path open its own `<Parallel>` block: each path forks again at its
+    inner `</Goal>`, the inner paths merge into their path, the outer paths into the request."""
+    import re
+
+    from branchwise.constraints import Constraint
+
+    tag = {
+        t: f"<[{i}]>"
+        for t, i in llm.tokenizer.get_vocab().items()
+        if t.startswith(("<P", "<G", "<O", "<C", "</"))
+    }
+    goal = f'{tag["<Parallel>"]} "\\n" {tag["<Goal>"]} "\\n" outline outline+ {tag["</Goal>"]}'
+    end = f'{tag["<Conclusion>"]} CALC {tag["</Conclusion>"]} "\\n" {tag["</Parallel>"]}'
+    grammar = rf"""
+start: {goal} outer_path outer_path+ {end} "\nThe answer is " NUM "."
+outer_path: {tag["<Path>"]} INDEX ": " {goal} inner_path inner_path+ {end} {tag["</Path>"]}
+inner_path: {tag["<Path>"]} INDEX ": " EXPR " = " NUM {tag["</Path>"]}
+outline: {tag["<Outline>"]} INDEX ": " EXPR {tag["</Outline>"]} "\n"
+INDEX: /[1-8]/
+EXPR: /[0-9]{{1,3}}[+*-][0-9]{{1,3}}/
+CALC: /[0-9+*= -]{{1,40}}/
+NUM: /-?[0-9]{{1,5}}/
+"""
+    constraint = Constraint("grammar", grammar)
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=400, constraint=constraint)
+    problems = tasks(4, seed=23)
+    before = counter(llm, "multiverse_paths")
+    outs = llm.generate([chat(llm, t[0]) for t in problems], params, strategy="multiverse")
+    goal_re = r"<Parallel>\n<Goal>\n(<Outline>[1-8]: [0-9+*-]+</Outline>\n){2,}</Goal>"
+    end_re = r"<Conclusion>[0-9+*= -]+</Conclusion>\n</Parallel>"
+    inner = rf"{goal_re}(<Path>[1-8]: [0-9+*-]+ = -?[0-9]+</Path>){{2,}}{end_re}"
+    outer = re.compile(rf"{goal_re}(<Path>[1-8]: {inner}</Path>){{2,}}{end_re}\nThe answer is -?[0-9]+\.")
+    for out in outs:
+        assert outer.fullmatch(out.outputs[0].text), out.outputs[0].text
+    # per request: two or more outer paths, each forking two or more inner paths
+    forked = counter(llm, "multiverse_paths") - before
+    assert forked >= 4 * (2 + 2 * 2)
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks

@@ -103,7 +103,7 @@ def hf_baselines(
 
 def bench_offline(
     model: str = "demo",
-    strategies: tuple[str, ...] = ("ar", "draft", "ngram", "mtp", "multiverse"),
+    strategies: tuple[str, ...] = ("ar", "draft", "ngram", "mtp", "medusa", "multiverse"),
     batch_sizes: tuple[int, ...] = (1, 8, 32),
     dataset: str = "chat",
     max_tokens: int = 128,
@@ -173,6 +173,7 @@ def bench_offline(
         "config": engine.config.model_dump(),
         "rows": rows,
         "baselines": base,
+        "tree_acceptance": tree_acceptance(engine),
     }
     path = Path(out) if out else RESULTS / f"bench_offline-{dataset}-{engine.device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +181,18 @@ def bench_offline(
     plot(result, path.with_suffix(".png"))
     result["json_path"], result["png_path"] = str(path), str(path.with_suffix(".png"))
     return result
+
+
+def tree_acceptance(engine) -> dict[str, dict[str, list[float]]]:
+    """Medusa trees over the whole run: depth -> rank -> [accepted, proposed] nodes (from /metrics)."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for column, counter in enumerate((engine.metrics.tree_accepted, engine.metrics.tree_proposed)):
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    depth = table.setdefault(sample.labels["depth"], {})
+                    depth.setdefault(sample.labels["rank"], [0, 0])[column] = sample.value
+    return table
 
 
 def _available(llm: LLM, strategy: str) -> bool:
@@ -207,6 +220,11 @@ def format_table(result: dict) -> str:
         )
     for name, b in result["baselines"].items():
         lines.append(f"baseline {name}: {b['tokens_per_s']:.1f} tok/s (batch 1)")
+    for depth, ranks in sorted(result.get("tree_acceptance", {}).items()):
+        cells = ", ".join(
+            f"rank {r}: {a:.0f}/{n:.0f}" for r, (a, n) in sorted(ranks.items(), key=lambda x: int(x[0]))
+        )
+        lines.append(f"medusa tree depth {depth} accepted/proposed: {cells}")
     return "\n".join(lines)
 
 
