@@ -14,12 +14,13 @@ from branchwise.train.eval import eval_demo
 
 # a little below the model card's figures (branchwise/assets/demo/README.md: 200 tasks), here on 40 tasks;
 # arithmetic accuracy (5 % on the CPU-trained model) has no floor worth the name yet
-FLOORS = {
-    "parallel_structure_well_formed": 0.9,
-    "json_valid": 0.9,
-    "json_field_accuracy": 0.6,
+FLOORS = {  # a little below the model card's figures on 200 tasks
+    "arithmetic_accuracy": 0.9,
+    "parallel_structure_well_formed": 0.95,
+    "json_valid": 0.95,
+    "json_field_accuracy": 0.9,
     "json_valid_constrained": 1.0,
-    "json_field_accuracy_constrained": 0.6,
+    "json_field_accuracy_constrained": 0.9,
 }
 
 
@@ -68,7 +69,8 @@ def test_shipped_demo_loads_through_the_standard_path_and_fits_the_budget():
     from branchwise.models.loader import load_tokenizer
 
     assert demo_model.resolve("demo") == str(ASSET_DIR)
-    assert (ASSET_DIR / "model.safetensors").stat().st_size <= 16 * 2**20
+    for weights in ASSET_DIR.rglob("*.safetensors"):  # target, draft, MTP module, Medusa heads
+        assert weights.stat().st_size <= 16 * 2**20, weights
     target = AutoModelForCausalLM.from_pretrained(ASSET_DIR)
     draft = AutoModelForCausalLM.from_pretrained(ASSET_DIR / "draft")
     assert target.config.model_type == "llama" and draft.config.vocab_size == target.config.vocab_size

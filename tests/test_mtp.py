@@ -205,3 +205,15 @@ def test_demo_mtp_module_is_lossless_and_accepts_most_first_drafts():
     assert [o.token_ids for o in spec] == ar
     steps = sum(o.num_draft_steps for o in spec)
     assert 1 + sum(o.num_accepted for o in spec) / steps >= 1.6
+
+
+def test_training_writes_a_module_the_engine_loads(tmp_path, spec_target):
+    from branchwise.train.mtp import train_mtp
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(spec_target, model_dir)
+    (model_dir / OWN_FILE).unlink()
+    info = train_mtp(str(model_dir), minutes=0.2, device="cpu", num_prompts=16, max_tokens=24)
+    assert info["steps"] > 0 and (model_dir / OWN_FILE).exists()
+    assert json.loads((model_dir / "mtp.json").read_text())["steps"] == info["steps"]
+    assert LLM(str(model_dir)).engine.mtp is not None

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from branchwise.models.loader import decoder_of, resolve_device
 from branchwise.models.medusa import MedusaHeads, save_heads
-from branchwise.train.mtp import demo_prompts, read_prompts, self_generate
+from branchwise.train.distill import demo_prompts, fit, pad_batch, read_prompts, self_generate
 
 log = logging.getLogger(__name__)
 
@@ -89,41 +86,30 @@ def train_medusa(
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
     base = base.to(dev).eval().requires_grad_(False)
     heads = new_heads(base, num_heads, num_layers).to(dev).train()
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     pad = base.config.pad_token_id or 0
     held = rows[: max(1, len(rows) // 20)]  # agreement is reported on rows the heads never train on
     rows = rows[len(held) :]
     seconds = minutes * 60 - (time.monotonic() - start)
-    train_start, step, history = time.monotonic(), 0, []
-    order: list[int] = []
-    bar = tqdm(desc="medusa heads", unit="step", dynamic_ncols=True)
-    while (elapsed := time.monotonic() - train_start) < seconds:
-        for group in opt.param_groups:
-            decay = 0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / seconds))
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * decay
-        if len(order) < batch_size:
-            order = random.Random(seed + step).sample(range(len(rows)), len(rows))
-        batch = [rows[i] for i in order[:batch_size]]
-        order = order[batch_size:]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss, _ = medusa_loss(base, heads, *_batch(batch, pad, dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
-        opt.step()
-        history.append(loss.item())
-        step += 1
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(history[-10:]) / 10:.3f}")
-        bar.update(1)
-    bar.close()
+    history = fit(
+        heads,
+        lambda ids, valid: medusa_loss(base, heads, ids, valid)[0],
+        rows,
+        pad,
+        seconds,
+        batch_size,
+        lr,
+        seed,
+        "medusa heads",
+    )
     heads.eval()
     agree = torch.zeros(num_heads)
     with torch.no_grad():
         for at in range(0, len(held), batch_size):
             chunk = held[at : at + batch_size]
             agree += (
-                torch.tensor(medusa_loss(base, heads, *_batch(chunk, pad, dev))[1]) * len(chunk) / len(held)
+                torch.tensor(medusa_loss(base, heads, *pad_batch(chunk, pad, dev))[1])
+                * len(chunk)
+                / len(held)
             )
     save_heads(heads, out, str(model_path))
     info = {
@@ -134,7 +120,7 @@ def train_medusa(
         "prompts": len(prompts),
         "tokens": sum(map(len, rows)),
         "generate_s": round(generated_s, 1),
-        "steps": step,
+        "steps": len(history),
         "batch_size": batch_size,
         "num_heads": num_heads,
         "num_layers": num_layers,
@@ -145,10 +131,3 @@ def train_medusa(
     }
     (out / "training.json").write_text(json.dumps(info, indent=2))
     return info
-
-
-def _batch(batch: list[list[int]], pad: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, batch))
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=dev)
-    valid = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in batch], device=dev)
-    return ids, valid

@@ -12,65 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from branchwise.models.loader import decoder_of, resolve_device
 from branchwise.models.mtp import OWN_FILE, MTPModule, save_mtp
+from branchwise.train.distill import demo_prompts, fit, read_prompts, self_generate
 
 log = logging.getLogger(__name__)
 
-SEQ_LEN = 256
 DEPTH2_WEIGHT = 0.5
-
-
-def demo_prompts(n: int, seed: int) -> list[dict]:
-    """Chat requests like the demo model's users send (extraction, arithmetic) and code to continue;
-    drawn from another seed than the benchmark prompts (2026), so those stay held out."""
-    from branchwise.train.demo import code_windows
-    from branchwise.train.demo_data import arithmetic, extraction
-
-    rng = random.Random(seed)
-    out: list[dict] = []
-    for i in range(n):
-        if i % 5 == 4:
-            text = code_windows(rng, 1, chars=400)[0]
-            out.append({"prompt": text[: rng.randrange(80, 300)]})
-        elif i % 2:
-            out.append({"messages": [{"role": "user", "content": extraction(rng)[0]}]})
-        else:
-            out.append({"messages": [{"role": "user", "content": arithmetic(rng)[0]}]})
-    return out
-
-
-def read_prompts(path: str) -> list[dict]:
-    """A JSONL file of {"prompt": ...} or {"messages": [...]} records."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def self_generate(
-    model_path: str, prompts: list[dict], max_tokens: int, device: str, seed: int
-) -> list[list[int]]:
-    """prompt + the model's own completion, as token ids."""
-    from branchwise import LLM, SamplingParams
-
-    llm = LLM(model_path, device=device, max_num_seqs=64, enforce_eager=True, seed=seed)
-    ids = [llm.chat_prompt(p["messages"]) if "messages" in p else llm.encode(p["prompt"]) for p in prompts]
-    params = [
-        SamplingParams(max_tokens=max_tokens, temperature=0.8 if i % 4 == 3 else 0.0, seed=seed + i)
-        for i in range(len(prompts))
-    ]
-    outs = llm.generate(ids, params, use_tqdm=True)
-    rows = [(p + list(o.outputs[0].token_ids))[:SEQ_LEN] for p, o in zip(ids, outs, strict=True)]
-    del llm
-    return rows
 
 
 def new_module(base: torch.nn.Module) -> MTPModule:
@@ -133,35 +88,19 @@ def train_mtp(
     base = base.to(dev).eval().requires_grad_(False)
     module = new_module(base).to(dev).train()
     module.set_attention("sdpa")
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     pad = base.config.pad_token_id or 0
     seconds = minutes * 60 - (time.monotonic() - start)
-    train_start, step, history = time.monotonic(), 0, []
-    order: list[int] = []
-    bar = tqdm(desc="mtp module", unit="step", dynamic_ncols=True)
-    while (elapsed := time.monotonic() - train_start) < seconds:
-        for group in opt.param_groups:
-            decay = 0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / seconds))
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * decay
-        if len(order) < batch_size:
-            order = random.Random(seed + step).sample(range(len(rows)), len(rows))
-        batch = [rows[i] for i in order[:batch_size]]
-        order = order[batch_size:]
-        width = max(map(len, batch))
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=dev)
-        valid = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in batch], device=dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss = mtp_loss(base, module, ids, valid)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        opt.step()
-        history.append(loss.item())
-        step += 1
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(history[-10:]) / 10:.3f}")
-        bar.update(1)
-    bar.close()
+    history = fit(
+        module,
+        lambda ids, valid: mtp_loss(base, module, ids, valid),
+        rows,
+        pad,
+        seconds,
+        batch_size,
+        lr,
+        seed,
+        "mtp module",
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_mtp(module.eval(), out)
     info = {
@@ -172,7 +111,7 @@ def train_mtp(
         "prompts": len(prompts),
         "tokens": sum(map(len, rows)),
         "generate_s": round(generated_s, 1),
-        "steps": step,
+        "steps": len(history),
         "batch_size": batch_size,
         "module_params": sum(p.numel() for p in module.parameters()),
         "final_loss": sum(history[-50:]) / max(1, len(history[-50:])),

@@ -1,0 +1,111 @@
+"""What the self-distillation trainers share: the frozen model writes its own training text, then a small
+module (MTP layer, Medusa heads) learns from the model's distributions over it.
+
+The model completes a set of prompts (greedy, and a quarter sampled so the module also sees the model's
+less likely continuations); `fit` runs the module's AdamW loop over those rows within a time budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+SEQ_LEN = 256
+
+
+def demo_prompts(n: int, seed: int) -> list[dict]:
+    """Chat requests like the demo model's users send (extraction, arithmetic) and code to continue;
+    drawn from another seed than the benchmark prompts (2026), so those stay held out."""
+    from branchwise.train.demo import code_windows
+    from branchwise.train.demo_data import arithmetic, extraction
+
+    rng = random.Random(seed)
+    out: list[dict] = []
+    for i in range(n):
+        if i % 5 == 4:
+            text = code_windows(rng, 1, chars=400)[0]
+            out.append({"prompt": text[: rng.randrange(80, 300)]})
+        elif i % 2:
+            out.append({"messages": [{"role": "user", "content": extraction(rng)[0]}]})
+        else:
+            out.append({"messages": [{"role": "user", "content": arithmetic(rng)[0]}]})
+    return out
+
+
+def read_prompts(path: str) -> list[dict]:
+    """A JSONL file of {"prompt": ...} or {"messages": [...]} records."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def self_generate(
+    model_path: str, prompts: list[dict], max_tokens: int, device: str, seed: int
+) -> list[list[int]]:
+    """prompt + the model's own completion, as token ids."""
+    from branchwise import LLM, SamplingParams
+
+    llm = LLM(model_path, device=device, max_num_seqs=64, enforce_eager=True, seed=seed)
+    ids = [llm.chat_prompt(p["messages"]) if "messages" in p else llm.encode(p["prompt"]) for p in prompts]
+    params = [
+        SamplingParams(max_tokens=max_tokens, temperature=0.8 if i % 4 == 3 else 0.0, seed=seed + i)
+        for i in range(len(prompts))
+    ]
+    outs = llm.generate(ids, params, use_tqdm=True)
+    rows = [(p + list(o.outputs[0].token_ids))[:SEQ_LEN] for p, o in zip(ids, outs, strict=True)]
+    del llm
+    return rows
+
+
+def pad_batch(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, valid): the rows right-padded to one width, and 1.0 where a row has a token."""
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    valid = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows], device=device)
+    return ids, valid
+
+
+def fit(
+    module: torch.nn.Module,
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rows: list[list[int]],
+    pad: int,
+    seconds: float,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str,
+) -> list[float]:
+    """AdamW over shuffled batches of `rows` with warm-up and a cosine decay over `seconds`; bf16 autocast
+    on CUDA; a progress bar with the loss. Returns the loss history."""
+    device = next(module.parameters()).device
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start, step, history = time.monotonic(), 0, []
+    order: list[int] = []
+    bar = tqdm(desc=desc, unit="step", dynamic_ncols=True)
+    while (elapsed := time.monotonic() - start) < seconds:
+        for group in opt.param_groups:
+            decay = 0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / seconds))
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * decay
+        if len(order) < batch_size:
+            order = random.Random(seed + step).sample(range(len(rows)), len(rows))
+        batch = [rows[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_of(*pad_batch(batch, pad, device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        history.append(loss.item())
+        step += 1
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(history[-10:]) / 10:.3f}")
+        bar.update(1)
+    bar.close()
+    return history
