@@ -42,7 +42,7 @@ class EngineConfig(BaseModel):
         "medusa/ folder beside the model)",
     )
     num_speculative_tokens: int = Field(
-        5, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
+        10, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
     )
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
     prefix_cache: bool = Field(True, description="share the KV blocks of common prompt prefixes")
