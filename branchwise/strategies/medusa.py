@@ -106,16 +106,12 @@ class MedusaStrategy(SpeculativeStrategy):
         self.num_heads = self.heads.num_heads
         # (depth, rank) -> [accepted, reached]: reached = the node's parent was accepted
         self.evidence = {
-            (d, r): [PRIOR_WEIGHT * self._prior(d, r), PRIOR_WEIGHT]
+            (d, r): [PRIOR_WEIGHT * 0.6 * 0.4**r, PRIOR_WEIGHT]  # prior: a lower rank is right more often
             for d in range(1, self.num_heads + 1)
             for r in range(TOP_K)
         }
         self.nodes: list[tuple[int, ...]] = []  # this step's tree, best first
         self.nodes_step = -1
-
-    @staticmethod
-    def _prior(depth: int, rank: int) -> float:
-        return 0.6 * 0.4**rank
 
     def parse_params(self, params: dict) -> dict:
         """`choices`: a fixed tree; `posterior_threshold`, `posterior_alpha`: typical acceptance."""
@@ -198,13 +194,14 @@ class MedusaStrategy(SpeculativeStrategy):
         if drafting:
             hidden = torch.stack([states[i]["hidden"] for i in drafting])
             top = self.heads(hidden).topk(TOP_K, dim=-1).indices.tolist()  # (heads, B, TOP_K)
+        row = {i: j for j, i in enumerate(drafting)}
         plans = []
         for i, seq in enumerate(seqs):
             pending = seq.token_ids[seq.num_computed :]
             if not trees[i]:
                 plans.append(Plan(seq, pending))
                 continue
-            j = drafting.index(i)
+            j = row[i]
             tokens = {c: top[len(c) - 1][j][c[-1]] for c in trees[i]}
             choices = trees[i] if seq.matcher is None else _prune(seq, trees[i], tokens)
             if not choices:
