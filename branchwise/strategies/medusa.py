@@ -234,7 +234,7 @@ class MedusaStrategy(SpeculativeStrategy):
         fast = [i for i in trees if _plain_greedy(plans[i].seq)]
         for i, v in zip(fast, self._verify_greedy(plans, fast, out), strict=True):
             verdicts[i] = v
-        general = [i for i in trees if i not in fast]
+        general = sorted(set(trees) - set(fast))
         for i, v in zip(general, self._verify_paths(plans, general, out), strict=True):
             verdicts[i] = v
         self._keep_hidden(plans, verdicts, out)
@@ -242,23 +242,19 @@ class MedusaStrategy(SpeculativeStrategy):
         return verdicts
 
     def _verify_greedy(self, plans: list[Plan], idx: list[int], out: ForwardOutput) -> list[Verdict]:
-        """Greedy with no penalties or grammar: the target's argmax at every tree row, then walk the paths."""
+        """Greedy with no penalties or grammar: the target's argmax at every tree row; a node is accepted
+        when it is the argmax of its parent's row."""
         if not idx:
             return []
-        rows = np.concatenate([np.arange(len(plans[i].tokens)) + plans[i].logits_row for i in idx])
+        rows = _tree_rows(plans, idx)
         best = out.logits[torch.from_numpy(rows).to(out.logits.device)].argmax(-1).tolist()
         verdicts, at = [], 0
         for i in idx:
             p, tree = plans[i], plans[i].payload
             choice = best[at : at + len(p.tokens)]
             at += len(p.tokens)
-            chain: tuple[int, ...] = ()
-            for path in tree.paths:
-                a = 0
-                while a < len(path) and p.tokens[path[a]] == choice[path[a - 1] if a else 0]:
-                    a += 1
-                if a > len(chain):
-                    chain = path[:a]
+            ok = [k > 0 and p.tokens[k] == choice[tree.parent[k]] for k in range(len(p.tokens))]
+            chain = _longest_path(tree.paths, ok)
             verdicts.append(_verdict(p, chain, choice[chain[-1] if chain else 0]))
         return verdicts
 
@@ -276,14 +272,7 @@ class MedusaStrategy(SpeculativeStrategy):
             if plans[i].seq.params.greedy:
                 chains += [(i, path) for path in tree.paths]
                 continue
-            best: tuple[int, ...] = ()
-            for path in tree.paths:
-                a = 0
-                while a < len(path) and accept[i][path[a]]:
-                    a += 1
-                if a > len(best):
-                    best = path[:a]
-            picked.append((i, best))
+            picked.append((i, _longest_path(tree.paths, accept[i])))
         results: dict[int, list[tuple[int, tuple[int, ...], int]]] = {}
         for group, typical in ((chains, False), (picked, True)):
             if not group:
@@ -329,7 +318,7 @@ class MedusaStrategy(SpeculativeStrategy):
         min(threshold, alpha * exp(-entropy of the parent's distribution))."""
         if not idx:
             return {}
-        rows = np.concatenate([np.arange(len(plans[i].tokens)) + plans[i].logits_row for i in idx])
+        rows = _tree_rows(plans, idx)
         temps = torch.tensor(
             [max(plans[i].seq.params.temperature, 1e-5) for i in idx for _ in plans[i].tokens],
             device=out.logits.device,
@@ -403,6 +392,24 @@ class MedusaStrategy(SpeculativeStrategy):
 def _plain_greedy(seq: Sequence) -> bool:
     p = seq.params
     return p.greedy and seq.matcher is None and not p.has_penalties and not p.min_tokens
+
+
+def _tree_rows(plans: list[Plan], idx: list[int]) -> np.ndarray:
+    """The logits rows of the root and every node of the given plans' trees, plan after plan."""
+    return np.concatenate([np.arange(len(plans[i].tokens)) + plans[i].logits_row for i in idx])
+
+
+def _longest_path(paths: tuple[tuple[int, ...], ...], ok: list[bool]) -> tuple[int, ...]:
+    """The longest accepted prefix of any root-to-leaf path (the first of equals); ok[k]: node k is
+    accepted given its parent."""
+    best: tuple[int, ...] = ()
+    for path in paths:
+        a = 0
+        while a < len(path) and ok[path[a]]:
+            a += 1
+        if a > len(best):
+            best = path[:a]
+    return best
 
 
 def _verdict(plan: Plan, chain: tuple[int, ...], token: int) -> Verdict:
