@@ -27,6 +27,9 @@ import transformers
 import triton
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from branchwise import kernels
+from branchwise.models.fused import fused_weights
+
 SHAPES = {
     "qwen2-1.5b": dict(
         model_type="qwen2",
@@ -219,6 +222,9 @@ def main() -> None:
     )
     result["engine_start_s"] = time.perf_counter() - start  # load + KV allocation + compile + graph capture
     print(f"engine ready in {result['engine_start_s']:.1f}s", flush=True)
+    # which weight shapes start-up tuning gave to the skinny Triton GEMM (the rest stay on cuBLAS)
+    result["skinny_gemm"] = {f"{n}x{k}": list(c) for (n, k, _), c in kernels.LINEAR_CONFIGS.items()}
+    result["fused_projections"] = bool(fused_weights(llm.engine.model))
     nbytes = model_bytes(llm.engine.model)
     result["model_bytes"] = nbytes
     result["bound_tokens_per_s"] = bw / nbytes

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from branchwise import LLM, SamplingParams
+from branchwise.models.fused import FusedAttention, FusedMLP
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -23,6 +24,8 @@ def hf_greedy(path: str, prompt: list[int], max_new: int) -> list[int]:
 def test_greedy_equals_transformers_generate(arch, request, prompts):
     path = request.getfixturevalue(arch)
     llm = LLM(path, max_num_batched_tokens=32)
+    layer = llm.engine.model.model.layers[0]  # the fused projections are what is compared
+    assert isinstance(layer.self_attn, FusedAttention) and isinstance(layer.mlp, FusedMLP)
     chosen = [prompts[1], prompts[3], prompts[12]]  # 90, 5 and 81 tokens: past the sliding window of 12
     outs = llm.generate(chosen, GREEDY)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

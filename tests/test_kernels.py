@@ -154,3 +154,66 @@ def test_kernels_at_real_sizes_in_bf16(group, D):
         (100, 300, paths_mask([100, 99, 100]), None),
     ]
     check(prefill, group, D, Hkv=8, dtype=torch.bfloat16, tol=1e-2)
+
+
+triton_linear = pytest.importorskip("branchwise.kernels.triton_linear")
+
+
+@pytest.mark.parametrize(
+    ("M", "N", "K", "bias", "config"),
+    [
+        (1, 70, 100, True, (32, 32, 1)),  # N and K off the tile grid
+        (3, 64, 300, False, (16, 64, 3)),  # K split three ways, the last split short
+        (16, 33, 257, True, (64, 128, 2)),  # a full row tile, bias added after the split sum
+        (5, 200, 64, True, (128, 16, 4)),
+    ],
+)
+def test_skinny_linear_matches_reference(M, N, K, bias, config):
+    g = torch.Generator().manual_seed(M * N)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    x, w, b = (t.to(DEVICE) if t is not None else None for t in (x, w, b))
+    got = triton_linear.skinny_linear(x, w, b, *config)
+    want = reference.skinny_linear(x, w, b, *config)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4
+    # a row-strided input (a slice of a wider activation) gives the same rows
+    wide = torch.cat([x, torch.randn(M, 7, generator=g).to(DEVICE)], 1)[:, :K]
+    assert torch.equal(triton_linear.skinny_linear(wide, w, b, *config), got)
+
+
+def test_split_k_sums_are_the_same_every_run():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 512, generator=g).to(DEVICE), torch.randn(48, 512, generator=g).to(DEVICE)
+    runs = [triton_linear.skinny_linear(x, w, None, 16, 32, 8) for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)])
+def test_skinny_linear_at_real_sizes_in_bf16(shape):
+    N, K = shape
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for M in (1, 2, 16):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        for block_n, block_k, warps, stages in triton_linear.CANDIDATES:
+            splits = triton_linear.splits_for(N, K, block_n, block_k, sms)
+            got = triton_linear.skinny_linear(x, w, b, block_n, block_k, splits, warps, stages)
+            assert (got.float() - want).abs().max() < 0.05, (M, block_n, block_k, splits)
+
+
+@pytest.mark.gpu
+def test_tuning_keeps_skinny_configs_that_compute_the_same_product():
+    weights = [
+        torch.randn(n, 1536, device="cuda", dtype=torch.bfloat16) / 40 for n in (256, 8960) for _ in range(8)
+    ]
+    chosen = triton_linear.tune(weights)
+    assert set(chosen) <= {(256, 1536, torch.bfloat16), (8960, 1536, torch.bfloat16)}
+    for (n, k, dtype), config in chosen.items():
+        w = next(w for w in weights if w.shape[0] == n)
+        x = torch.randn(2, k, device="cuda", dtype=dtype)
+        assert (
+            triton_linear.skinny_linear(x, w, None, *config).float() - (x @ w.T).float()
+        ).abs().max() < 0.05

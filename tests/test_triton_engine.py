@@ -63,3 +63,30 @@ def test_graph_replay_writes_only_real_slots_and_matches_eager(tiny_llama, promp
     runner.pool.copy_(pool_before)
     eager = runner.run_decoder(*runner.metadata(packed))
     assert hidden.shape == eager.shape and (hidden - eager).abs().max() < 1e-4
+
+
+def test_skinny_gemm_gives_the_reference_greedy_tokens(tiny_qwen2, prompts, monkeypatch):
+    """Every fused projection of the decode steps through the Triton skinny GEMM (as if tuning had chosen
+    it for every shape), eager and compiled: the tokens of torch's GEMMs."""
+    from branchwise import kernels
+    from branchwise.kernels import triton_linear
+    from branchwise.models.fused import fused_weights
+
+    chosen = [prompts[0], prompts[3], prompts[9]]
+    want = greedy(LLM(tiny_qwen2, dtype="float32", num_blocks=512), chosen)
+    llm = LLM(tiny_qwen2, dtype="float32", num_blocks=512)
+    configs = {(*w.shape, w.dtype): (32, 32, 2, 4, 3) for w in fused_weights(llm.engine.model)}
+    assert len(configs) == 4  # qkv, o, gate_up, down
+    monkeypatch.setattr(kernels, "LINEAR_CONFIGS", configs)
+    calls = []
+    skinny = triton_linear.skinny_linear
+    monkeypatch.setattr(triton_linear, "skinny_linear", lambda *a: calls.append(1) or skinny(*a))
+    assert greedy(llm, chosen) == want
+    assert calls  # decode steps took it (prefill chunks of > 16 tokens keep torch's GEMM)
+    # and inside the compiled decoder of the CUDA-graph path, as one opaque op
+    monkeypatch.setenv("BRANCHWISE_ATTENTION", "triton")
+    runner = llm.engine.runner
+    runner.graphs = CudaGraphs(runner, max_tokens=8, max_blocks_per_seq=64, capture=False)
+    calls.clear()
+    assert greedy(llm, chosen) == want
+    assert calls

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from branchwise.engine.sequence import Sequence
+
+Decode = Callable[[list[int], bool], str]
+
+
+def decoder_for(tokenizer) -> Decode:
+    """`decode(ids, skip_special_tokens)`: the Rust tokenizer's own decode when it gives the same text as
+    the wrapper's (no clean-up of spaces), which skips the wrapper's per-call Python conversions."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 def init_offsets(seq: Sequence) -> None:
@@ -11,11 +24,11 @@ def init_offsets(seq: Sequence) -> None:
     seq.read_offset = seq.num_prompt_tokens
 
 
-def detokenize_step(tokenizer, seq: Sequence) -> str:
+def detokenize_step(decode: Decode, seq: Sequence) -> str:
     """Text of the tokens appended since the last call; holds back an incomplete UTF-8 character."""
     ids, skip = seq.token_ids, seq.params.skip_special_tokens
-    before = tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-    after = tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+    before = decode(ids[seq.prefix_offset : seq.read_offset], skip)
+    after = decode(ids[seq.prefix_offset :], skip)
     if len(after) > len(before) and not after.endswith("\ufffd"):
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         return after[len(before) :]

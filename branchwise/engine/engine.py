@@ -86,6 +86,12 @@ class LLMEngine:
 
         self.metrics = EngineMetrics(self.model_name)
         self.metrics.kv_total.labels(self.model_name).set(self.num_blocks)
+        # the children counted at every token, looked up once (a `labels()` call takes a lock)
+        self._generation_tokens = self.metrics.generation_tokens.labels(self.model_name)
+        self._itl = self.metrics.itl.labels(self.model_name)
+        m = self.metrics
+        self._load_gauges = [g.labels(self.model_name) for g in (m.running, m.waiting, m.kv_free, m.kv_usage)]
+        self.decode = detokenizer.decoder_for(self.tokenizer)
         self._strategies: dict[str, Strategy] = {}
         self._strategy_lock = threading.Lock()
         self._grammars: Grammars | None = None
@@ -131,11 +137,14 @@ class LLMEngine:
 
     def strategy(self, name: str) -> Strategy:
         """The engine's instance of a strategy (created on first use); ValueError if unknown."""
+        if (found := self._strategies.get(name)) is not None:  # once per sequence and step: no lock
+            return found
         cls = strategy_class(name)
         with self._strategy_lock:
             if cls.name not in self._strategies:
                 self._strategies[cls.name] = cls(self)
-            return self._strategies[cls.name]
+            self._strategies[name] = self._strategies[cls.name]
+            return self._strategies[name]
 
     def grammars(self) -> Grammars:
         """The model's grammar compiler (built on first use: llguidance reads the whole vocabulary)."""
@@ -361,7 +370,7 @@ class LLMEngine:
             if seq.index == 0:
                 self.metrics.prompt_tokens.labels(self.model_name).inc(seq.num_prompt_tokens)
         else:
-            self.metrics.itl.labels(self.model_name).observe(now - seq.last_token_time)
+            self._itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
         root = seq
         while root.branch_of is not None:
@@ -444,14 +453,14 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
-        self.metrics.generation_tokens.labels(self.model_name).inc()
+        self._generation_tokens.inc()
         if seq.branch_of is not None:  # a hidden path: its text reaches the client when it merges
             if token in self.stop_token_ids(seq) or seq.num_tokens >= self.max_model_len:
                 self._finish(seq, "stop" if seq.num_tokens < self.max_model_len else "length")
             return
         update = self._update(seq)
         update.token_ids.append(token)
-        text = detokenizer.detokenize_step(self.tokenizer, seq)
+        text = detokenizer.detokenize_step(self.decode, seq)
         seq.output_text += text
         params = seq.params
         if token in self.stop_token_ids(seq):
@@ -540,11 +549,11 @@ class LLMEngine:
         self.metrics.preemptions.labels(self.model_name).inc()
 
     def _observe_load(self) -> None:
-        m, name = self.metrics, self.model_name
-        m.running.labels(name).set(len(self.scheduler.running))
-        m.waiting.labels(name).set(len(self.scheduler.waiting))
-        m.kv_free.labels(name).set(self.blocks.num_available)
-        m.kv_usage.labels(name).set(1 - self.blocks.num_available / self.num_blocks)
+        running, waiting, kv_free, kv_usage = self._load_gauges
+        running.set(len(self.scheduler.running))
+        waiting.set(len(self.scheduler.waiting))
+        kv_free.set(self.blocks.num_available)
+        kv_usage.set(1 - self.blocks.num_available / self.num_blocks)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from branchwise.kernels import backend
+from branchwise.kernels import LINEAR_CONFIGS, backend
 from branchwise.kernels.metadata import AttentionMetadata, build_metadata
 from branchwise.models.attention import StepContext
+from branchwise.models.fused import fused_weights
 from branchwise.models.loader import decoder_of
 
 if TYPE_CHECKING:
@@ -63,14 +64,17 @@ def pack(plans: list[Plan], block_size: int) -> Packed:
         (len(plans), max(len(p.seq.block_table) - p.first_block for p in plans)), dtype=np.int64
     )
     positions = kv + (skipped + np.array([p.seq.position_offset for p in plans]))[owner]
-    logit_idx, r = [], 0
+    num_logits = np.array([p.num_logits for p in plans])
+    logits_start = np.cumsum(num_logits) - num_logits
+    # each plan's last num_logits tokens, plan by plan
+    logit_owner = np.repeat(np.arange(len(plans)), num_logits)
+    first_logit = query_start[1:] - num_logits
+    logit_idx = np.arange(num_logits.sum()) - logits_start[logit_owner] + first_logit[logit_owner]
     for b, p in enumerate(plans):
         tables[b, : len(p.seq.block_table) - p.first_block] = p.seq.block_table[p.first_block :]
         if p.positions is not None:
             positions[query_start[b] : query_start[b + 1]] = p.positions
-        p.logits_row, p.token_row = r, int(query_start[b])
-        logit_idx.append(np.arange(query_start[b + 1] - p.num_logits, query_start[b + 1]))
-        r += p.num_logits
+        p.logits_row, p.token_row = int(logits_start[b]), int(query_start[b])
     return Packed(
         ids=np.fromiter((t for p in plans for t in p.tokens), dtype=np.int64, count=int(query_start[-1])),
         positions=positions,
@@ -80,7 +84,7 @@ def pack(plans: list[Plan], block_size: int) -> Packed:
         seq_lens=starts + lens,
         tables=tables,
         masks=[p.mask for p in plans],
-        logit_idx=np.concatenate(logit_idx),
+        logit_idx=logit_idx,
     )
 
 
@@ -149,6 +153,11 @@ class ModelRunner:
         """Capture decode-shaped forwards (CUDA + Triton attention only)."""
         if self.device.type != "cuda" or backend(self.device) != "triton":
             return
+        weights = [w for w in fused_weights(self.model) if (*w.shape, w.dtype) not in LINEAR_CONFIGS]
+        if weights:  # before compiling: the decoder's graph bakes in which GEMM each shape takes
+            from branchwise.kernels import triton_linear
+
+            LINEAR_CONFIGS.update(triton_linear.tune(weights))
         try:
             self.graphs = CudaGraphs(self, max_tokens, max_blocks_per_seq)
         except Exception:  # e.g. a model torch.compile cannot trace: graphs of the eager forward still help

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
+import numpy as np
 import torch
 
 from branchwise.engine.sequence import Sequence
@@ -120,27 +121,41 @@ def verify_chains(
     """
     B = len(seqs)
     device = logits.device
-    k_s = [len(d) for d in drafts]
-    K = max(k_s, default=0)
-    k_t = torch.tensor(k_s, device=device)
-    pos = torch.arange(K + 1, device=device)
-    rows = torch.tensor(list(first_rows), device=device)[:, None] + torch.minimum(pos[None], k_t[:, None])
-    draft_t = torch.zeros(B, max(K, 1), dtype=torch.long, device=device)
+    plain = allowed is None and not any(s.params.has_penalties or s.params.min_tokens for s in seqs)
+    greedy = all(s.params.greedy for s in seqs)
+    if plain and greedy and not any(drafts):  # autoregressive greedy: one argmax, one read
+        whole = len(first_rows) == logits.shape[0] and all(r == i for i, r in enumerate(first_rows))
+        x = logits if whole else logits[torch.tensor(list(first_rows), device=device)]
+        return [0] * B, x.argmax(-1).tolist()
+    # index arrays are built on the host and cross to the device once
+    k_np = np.array([len(d) for d in drafts], dtype=np.int64)
+    K = int(k_np.max(initial=0))
+    pos_np = np.arange(K + 1)
+    rows_np = np.asarray(first_rows, dtype=np.int64)[:, None] + np.minimum(pos_np[None], k_np[:, None])
+    draft_np = np.zeros((B, max(K, 1)), dtype=np.int64)
     for b, d in enumerate(drafts):
-        if d:
-            draft_t[b, : len(d)] = torch.tensor(d, device=device)
-    x = logits[rows]  # (B, K+1, V)
+        draft_np[b, : len(d)] = d
+    if plain and greedy:
+        # p is one-hot: accept while the draft is the argmax; one read of the argmaxes, the rest on the host
+        best = logits[torch.from_numpy(rows_np).to(device)].argmax(-1).cpu().numpy()  # (B, K+1)
+        accept = (draft_np[:, :K] == best[:, :K]) & (pos_np[None, :K] < k_np[:, None])
+        num_acc = accept.cumprod(1).sum(1)
+        return num_acc.tolist(), best[np.arange(B), num_acc].tolist()
+    k_t = torch.from_numpy(k_np).to(device)
+    pos = torch.arange(K + 1, device=device)
+    draft_t = torch.from_numpy(draft_np).to(device)
+    x = logits[torch.from_numpy(rows_np).to(device)]  # (B, K+1, V)
     if any(s.params.has_penalties or s.params.min_tokens for s in seqs):
         x = apply_penalties(x, seqs, draft_t, stop_ids)
     if allowed is not None:
         x = x.masked_fill(~allowed, float("-inf"))
-    if all(s.params.greedy for s in seqs):  # p is one-hot: accept while the draft is the argmax
+    if greedy:
         best = x.argmax(-1)  # (B, K+1)
         accept = (draft_t[:, :K] == best[:, :K]) & (pos[None, :K] < k_t[:, None])
         num_acc = accept.int().cumprod(1).sum(1)
         return num_acc.tolist(), best.gather(1, num_acc[:, None])[:, 0].tolist()
     p = target_probs(x, seqs)
-    u = _uniforms(seqs, k_s, K + 1).to(device)
+    u = _uniforms(seqs, k_np.tolist(), K + 1).to(device)
     if accepted is not None:
         num_acc = torch.tensor(list(accepted), device=device)
     elif K:

@@ -1,15 +1,32 @@
-"""Attention kernels: Triton on CUDA, the PyTorch reference elsewhere (`BRANCHWISE_ATTENTION` forces one)."""
+"""Kernels: Triton on CUDA, the PyTorch reference elsewhere (`BRANCHWISE_ATTENTION` forces one for attention).
+
+The decoder's GEMMs go through `linear`: torch (cuBLAS) unless the weight's shape was measured faster with
+the skinny Triton GEMM on this device (`LINEAR_CONFIGS`, filled by `triton_linear.tune` at start-up).
+"""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn.functional as F
 
 from branchwise.kernels import reference
 from branchwise.kernels.metadata import AttentionMetadata, build_metadata
 
-__all__ = ["AttentionMetadata", "build_metadata", "backend", "attend", "store_kv", "paged_attention"]
+__all__ = [
+    "AttentionMetadata",
+    "build_metadata",
+    "backend",
+    "attend",
+    "store_kv",
+    "paged_attention",
+    "linear",
+]
+
+SKINNY_MAX_ROWS = 16
+# (N, K, dtype) of a weight -> skinny GEMM config (block_n, block_k, splits, num_warps, num_stages)
+LINEAR_CONFIGS: dict[tuple[int, int, torch.dtype], tuple[int, int, int, int, int]] = {}
 
 
 def backend(device: torch.device) -> str:
@@ -74,3 +91,15 @@ def attend(
         )
     store_kv(key, value, kv[layer, 0], kv[layer, 1], meta.slot_mapping)
     return paged_attention(query, kv[layer, 0], kv[layer, 1], meta, scale, sliding_window)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias; at most 16 rows take the skinny Triton GEMM where it was tuned for the shape."""
+    config = LINEAR_CONFIGS.get((weight.shape[0], weight.shape[1], weight.dtype)) if LINEAR_CONFIGS else None
+    rows = x.numel() // x.shape[-1]
+    if config is None or rows > SKINNY_MAX_ROWS:
+        return F.linear(x, weight, bias)
+    from branchwise.kernels import triton_linear  # noqa: F401  (registers the op)
+
+    out = torch.ops.branchwise.skinny_linear(x.reshape(rows, x.shape[-1]), weight, bias, *config)
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from branchwise.models.attention import ATTENTION_NAME
+from branchwise.models.fused import fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A causal LM whose attention layers call our paged attention; HF's KV cache stays off."""
+    """A causal LM whose attention layers call our paged attention, projections fused where supported;
+    HF's KV cache stays off."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in TESTED_ARCHITECTURES:
         log.warning(
@@ -51,7 +53,9 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
     model.config.use_cache = False
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    fuse_projections(model)
+    return model
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
