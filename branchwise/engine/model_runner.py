@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from branchwise import kernels
 from branchwise.kernels import LINEAR_CONFIGS, backend
 from branchwise.kernels.metadata import AttentionMetadata, build_metadata
 from branchwise.models.attention import StepContext
@@ -146,14 +147,27 @@ class ModelRunner:
         hidden_all = self.graphs.replay(packed) if self.graphs is not None else None
         if hidden_all is None:
             hidden_all = self.run_decoder(*self.metadata(packed))
-        hidden = hidden_all[torch.from_numpy(packed.logit_idx).to(self.device, non_blocking=True)]
-        return ForwardOutput(self.lm_head(hidden).float(), hidden, hidden_all)
+        if len(packed.logit_idx) == len(packed.ids):  # every row (decode steps): no gather
+            hidden = hidden_all
+        else:
+            hidden = hidden_all[torch.from_numpy(packed.logit_idx).to(self.device, non_blocking=True)]
+        return ForwardOutput(self.logits(hidden), hidden, hidden_all)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(R, V) float32 logits of final-normed hidden states (the head GEMM via `kernels.linear`)."""
+        head = self.lm_head
+        if type(head) is torch.nn.Linear:
+            return kernels.linear(hidden, head.weight, head.bias).float()
+        return head(hidden).float()
 
     def capture_graphs(self, max_tokens: int, max_blocks_per_seq: int) -> None:
         """Capture decode-shaped forwards (CUDA + Triton attention only)."""
         if self.device.type != "cuda" or backend(self.device) != "triton":
             return
-        weights = [w for w in fused_weights(self.model) if (*w.shape, w.dtype) not in LINEAR_CONFIGS]
+        weights = fused_weights(self.model)
+        if type(self.lm_head) is torch.nn.Linear:
+            weights.append(self.lm_head.weight)
+        weights = [w for w in weights if (*w.shape, w.dtype) not in LINEAR_CONFIGS]
         if weights:  # before compiling: the decoder's graph bakes in which GEMM each shape takes
             from branchwise.kernels import triton_linear
 
