@@ -135,25 +135,21 @@ def verify_chains(
     draft_np = np.zeros((B, max(K, 1)), dtype=np.int64)
     for b, d in enumerate(drafts):
         draft_np[b, : len(d)] = d
-    if plain and greedy:
+    draft_t = torch.from_numpy(draft_np).to(device)
+    x = logits[torch.from_numpy(rows_np).to(device)]  # (B, K+1, V)
+    if not plain:
+        if any(s.params.has_penalties or s.params.min_tokens for s in seqs):
+            x = apply_penalties(x, seqs, draft_t, stop_ids)
+        if allowed is not None:
+            x = x.masked_fill(~allowed, float("-inf"))
+    if greedy:
         # p is one-hot: accept while the draft is the argmax; one read of the argmaxes, the rest on the host
-        best = logits[torch.from_numpy(rows_np).to(device)].argmax(-1).cpu().numpy()  # (B, K+1)
+        best = x.argmax(-1).cpu().numpy()  # (B, K+1)
         accept = (draft_np[:, :K] == best[:, :K]) & (pos_np[None, :K] < k_np[:, None])
         num_acc = accept.cumprod(1).sum(1)
         return num_acc.tolist(), best[np.arange(B), num_acc].tolist()
     k_t = torch.from_numpy(k_np).to(device)
     pos = torch.arange(K + 1, device=device)
-    draft_t = torch.from_numpy(draft_np).to(device)
-    x = logits[torch.from_numpy(rows_np).to(device)]  # (B, K+1, V)
-    if any(s.params.has_penalties or s.params.min_tokens for s in seqs):
-        x = apply_penalties(x, seqs, draft_t, stop_ids)
-    if allowed is not None:
-        x = x.masked_fill(~allowed, float("-inf"))
-    if greedy:
-        best = x.argmax(-1)  # (B, K+1)
-        accept = (draft_t[:, :K] == best[:, :K]) & (pos[None, :K] < k_t[:, None])
-        num_acc = accept.int().cumprod(1).sum(1)
-        return num_acc.tolist(), best.gather(1, num_acc[:, None])[:, 0].tolist()
     p = target_probs(x, seqs)
     u = _uniforms(seqs, k_np.tolist(), K + 1).to(device)
     if accepted is not None:

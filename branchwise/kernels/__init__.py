@@ -24,7 +24,7 @@ __all__ = [
     "linear",
 ]
 
-SKINNY_MAX_ROWS = 16
+SKINNY_MAX_ROWS = 16  # rows of x the skinny GEMM takes (one tensor-core tile)
 # (N, K, dtype) of a weight -> skinny GEMM config (block_n, block_k, splits, num_warps, num_stages)
 LINEAR_CONFIGS: dict[tuple[int, int, torch.dtype], tuple[int, int, int, int, int]] = {}
 

@@ -1,4 +1,4 @@
-"""Skinny GEMM for decode-shaped steps: y = x @ W.T + b with at most 16 rows of x; twin of `reference.linear`.
+"""Skinny GEMM for decode-shaped steps: y = x @ W.T + b, x of <= 16 rows (twin: `reference.skinny_linear`).
 
 At batch 1 a decode step reads every weight once and does almost no arithmetic, so a GEMM is as fast as it
 streams W. cuBLAS tiles a 2-row product like a big one and reads W at about half the bandwidth on an H100.
@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from branchwise.kernels import SKINNY_MAX_ROWS
+
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 16  # rows of x the kernel takes (one tensor-core tile)
 CANDIDATES = (  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (16, 256, 4, 4),
     (32, 128, 4, 4),
@@ -44,15 +45,16 @@ def _skinny_linear_kernel(
     k_per_split,
     HAS_BIAS: tl.constexpr,
     DIRECT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = tl.arange(0, 16)
+    rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k in range(k_start, k_end, BLOCK_K):
@@ -106,7 +108,7 @@ def skinny_linear(
     x = x if x.stride(1) == 1 else x.contiguous()
     M, K = x.shape
     N = weight.shape[0]
-    assert M <= MAX_ROWS and weight.shape[1] == K and weight.stride(1) == 1
+    assert M <= SKINNY_MAX_ROWS and weight.shape[1] == K and weight.stride(1) == 1
     out = x.new_empty(M, N)
     if M == 0:
         return out
@@ -127,6 +129,7 @@ def skinny_linear(
         k_per_split,
         HAS_BIAS=bias is not None,
         DIRECT=direct,
+        BLOCK_M=SKINNY_MAX_ROWS,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays exact; no-op for bf16
