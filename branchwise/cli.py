@@ -58,6 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from branchwise.server.app import create_app
+    from branchwise.server.guard import uvicorn_config
 
     base = {}
     if args.config:
@@ -69,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         base["model"] = args.model
     config = build_config(args, ServerConfig, base)
     app = create_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    uvicorn.Server(uvicorn_config(app, config)).run()
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:

@@ -44,6 +44,12 @@ class EngineConfig(BaseModel):
     num_speculative_tokens: int = Field(
         10, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
     )
+    max_constraint_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="most seconds a request's output constraint may take to compile and compute its first "
+        "masks; a slower or broken one is refused with a 400",
+    )
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
     prefix_cache: bool = Field(True, description="share the KV blocks of common prompt prefixes")
 
@@ -53,9 +59,19 @@ class ServerConfig(EngineConfig):
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 routes")
-    max_queue: int = Field(1024, ge=0, description="waiting requests beyond this get 503 + Retry-After")
+    api_key: str | None = Field(
+        None, description="require 'Authorization: Bearer KEY' on every route but /health and /metrics"
+    )
+    max_queue: int = Field(
+        1024,
+        ge=0,
+        description="waiting sequences (prompts x n) beyond this get 503 + Retry-After",
+    )
     request_timeout: float | None = Field(None, gt=0, description="seconds before a request is aborted")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get 413")
+    http_timeout: float = Field(
+        10.0, gt=0, description="seconds a connection may take to send a request's headers or stay idle"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from branchwise import LLM, SamplingParams
 from branchwise.config import ServerConfig
 from branchwise.server.app import create_app
+from branchwise.server.guard import uvicorn_config
 from branchwise.strategies import STRATEGIES, Strategy
 
 
@@ -26,9 +27,9 @@ def running_server(**settings):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = ServerConfig(host="127.0.0.1", port=port, **settings)
+    config = ServerConfig(host="127.0.0.1", port=port, log_level="warning", **settings)
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
@@ -48,36 +50,97 @@ class Constraint:
 class Grammars:
     """One model's tokenizer as llguidance sees it, a cache of compiled grammars, and mask helpers."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int], cache_size: int = 256) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        eos_token_ids: set[int],
+        budget_seconds: float = 2.0,
+        cache_size: int = 256,
+    ) -> None:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos_token_ids)
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
         self.vocab_size = vocab_size
+        self.eos = eos
+        self.budget_seconds = budget_seconds
+        # llguidance's own work limits, without its parser state in error messages (clients see them)
+        self.limits = llguidance.LLParserLimits(verbose_errors=False)
         self.executor = llguidance.LLExecutor()
-        self._cache: OrderedDict[Constraint, tuple[str, list[str]]] = OrderedDict()
+        # a spec -> (grammar, warnings), or the ValueError it raised: a bad spec sent again costs nothing
+        self._cache: OrderedDict[Constraint, tuple[str, list[str]] | ValueError] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
     def compile(self, constraint: Constraint) -> tuple[str, list[str]]:
-        """(grammar, warnings) of a constraint; ValueError naming what cannot be enforced."""
+        """(grammar, warnings) of a constraint; ValueError naming what cannot be enforced.
+
+        A grammar counts as compiled once its first two masks are computed (llguidance builds its lexer
+        lazily, so a grammar past its limits fails there, not before), within `budget_seconds`.
+        """
         with self._lock:
-            if constraint in self._cache:
+            found = self._cache.get(constraint)
+            if found is not None:
                 self._cache.move_to_end(constraint)
-                return self._cache[constraint]
-        grammar = _grammar(constraint)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if found is None:
+            try:
+                found = self._compile(constraint)
+            except ValueError as e:
+                found = e
+            with self._lock:
+                self._cache[constraint] = found
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        if isinstance(found, ValueError):
+            raise found
+        return found
+
+    def _compile(self, constraint: Constraint) -> tuple[str, list[str]]:
+        started = time.perf_counter()
+        try:
+            grammar = _grammar(constraint)
+        except ValueError:
+            raise
+        except Exception as e:  # e.g. text the grammar library cannot take (a lone surrogate)
+            raise ValueError(f"invalid {constraint.kind} constraint: {e}") from e
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, self.tokenizer, limits=self.limits
+        )
         if is_error:
-            raise ValueError(f"invalid {constraint.kind} constraint: {messages[0]}")
-        with self._lock:
-            self._cache[constraint] = (grammar, messages)
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            raise ValueError(f"invalid {constraint.kind} constraint: {_first_line(messages[0])}")
+        self._probe(constraint, grammar)
+        took = time.perf_counter() - started
+        if took > self.budget_seconds:
+            raise ValueError(
+                f"the {constraint.kind} constraint took {took:.1f} s to compile, more than this server "
+                f"allows ({self.budget_seconds} s, --max-constraint-seconds): simplify it"
+            )
         return grammar, messages
+
+    def _probe(self, constraint: Constraint, grammar: str) -> None:
+        """The first mask, one allowed token consumed, and the mask after it: errors become ValueErrors."""
+        m = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
+        bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
+        for _ in range(2):
+            if not m.is_error():
+                llguidance.torch.fill_next_token_bitmask(m, bitmask, 0)
+            if m.is_error():
+                error = _first_line(m.get_error())
+                raise ValueError(f"the {constraint.kind} constraint cannot be enforced: {error}")
+            words = bitmask[0].numpy().view(np.uint32)
+            nonzero = np.flatnonzero(words)
+            if not len(nonzero):
+                raise ValueError(f"the {constraint.kind} constraint allows no output at all")
+            word = int(words[nonzero[0]])
+            token = int(nonzero[0]) * 32 + (word & -word).bit_length() - 1
+            if token == self.eos or m.is_stopped():
+                return
+            m.consume_token(token)
 
     def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
         grammar, _ = self.compile(constraint)
-        m = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        m = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
         if m.is_error():
-            raise ValueError(f"invalid {constraint.kind} constraint: {m.get_error()}")
+            raise ValueError(f"invalid {constraint.kind} constraint: {_first_line(m.get_error())}")
         return m
 
     def masks(self, matchers: list[llguidance.LLMatcher], drafts: list[list[int]]) -> torch.Tensor:
@@ -104,6 +167,10 @@ def unpack(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torc
     words = bitmask.to(device, non_blocking=True)
     bits = torch.arange(32, dtype=torch.int32, device=device)
     return ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab_size]
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "unknown error"
 
 
 def _grammar(c: Constraint) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import queue
@@ -9,6 +10,7 @@ import random
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -21,7 +23,7 @@ from branchwise.engine.model_runner import ForwardOutput, ModelRunner
 from branchwise.engine.prefix_cache import PrefixCache
 from branchwise.engine.sampler import logprobs_of
 from branchwise.engine.scheduler import Scheduler
-from branchwise.engine.sequence import SamplingParams, Sequence, SeqUpdate, Status
+from branchwise.engine.sequence import InvalidRequest, SamplingParams, Sequence, SeqUpdate, Status
 from branchwise.models import demo
 from branchwise.models.loader import kv_shape, load_model, load_tokenizer, resolve_device, resolve_dtype
 from branchwise.models.medusa import find_heads, load_heads
@@ -107,10 +109,14 @@ class LLMEngine:
             self.strategy("mtp")
         self._requests: dict[str, list[Sequence]] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox_lock = threading.Lock()
+        self._num_inbox_seqs = 0  # sequences in the inbox
+        self._num_waiting_seqs = 0  # sequences the scheduler holds waiting, as of the last step
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._updates: dict[int, SeqUpdate] = {}
         self.num_steps = 0
+        self._observe_load()  # the KV gauges read right before the first step
 
     # -- set-up -----------------------------------------------------------------------------------
     def _auto_num_blocks(self, block_bytes: int) -> int:
@@ -150,7 +156,9 @@ class LLMEngine:
         """The model's grammar compiler (built on first use: llguidance reads the whole vocabulary)."""
         with self._strategy_lock:
             if self._grammars is None:
-                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                self._grammars = Grammars(
+                    self.tokenizer, self.vocab_size, self.eos_token_ids, self.config.max_constraint_seconds
+                )
             return self._grammars
 
     def check_constraint(self, constraint: Constraint) -> list[str]:
@@ -179,8 +187,15 @@ class LLMEngine:
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        vocab = self.vocab_size
+        named = [("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids)]
+        for field_name, ids in [*named, ("logit_bias", list(params.logit_bias))]:
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                raise InvalidRequest(f"{field_name}: token ids must be in [0, {vocab})", field_name)
+        if params.top_k > vocab:
+            raise InvalidRequest(
+                f"top_k must be at most the vocabulary size ({vocab}), or 0 or -1 for all", "top_k"
+            )
         room = self.max_model_len - n
         if room < 1:
             raise ValueError(
@@ -222,7 +237,9 @@ class LLMEngine:
             seqs.append(seq)
         seqs[0].forks = seqs[1:]  # n > 1: one prefill, then the siblings fork off it
         self._requests[request_id] = seqs
-        self._inbox.put(("add", seqs[0]))
+        with self._inbox_lock:
+            self._num_inbox_seqs += len(seqs)
+            self._inbox.put(("add", seqs[0]))
 
     def abort_request(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -231,9 +248,9 @@ class LLMEngine:
         return bool(self._requests) or not self._inbox.empty()
 
     @property
-    def num_queued(self) -> int:
-        """Requests handed in but not yet seen by the scheduler."""
-        return self._inbox.qsize()
+    def num_waiting_seqs(self) -> int:
+        """Sequences handed in and not running: in the inbox, or waiting as of the last step (any thread)."""
+        return self._num_inbox_seqs + self._num_waiting_seqs
 
     def fail_all(self, error: str) -> list[SeqUpdate]:
         """End every request in flight with an error (after an engine bug) and free their blocks."""
@@ -249,6 +266,8 @@ class LLMEngine:
         while not self._inbox.empty():
             kind, arg = self._inbox.get()
             if kind == "add":
+                with self._inbox_lock:
+                    self._num_inbox_seqs -= 1 + len(arg.forks)
                 self.scheduler.add(arg)
             else:
                 for seq in self._requests.get(arg, []):
@@ -260,7 +279,19 @@ class LLMEngine:
         """One scheduling decision, one target forward, verification and commit; returns what changed."""
         self._updates = {}
         self._drain_inbox()
-        scheduled = self.scheduler.schedule(lambda seq: self.strategy(seq.strategy).lookahead(seq))
+        broken: list[tuple[Sequence, Exception]] = []
+
+        def lookahead(seq: Sequence) -> int:
+            try:
+                return self.strategy(seq.strategy).lookahead(seq)
+            except Exception as e:  # this sequence's strategy failed on it: it alone ends, below
+                broken.append((seq, e))
+                return 0
+
+        scheduled = self.scheduler.schedule(lookahead)
+        for seq, error in broken:
+            self._fail([seq], error)
+        scheduled = [(seq, n) for seq, n in scheduled if not seq.finished]
         if scheduled:
             self.num_steps += 1
             self._run(scheduled)
@@ -278,11 +309,14 @@ class LLMEngine:
                 last = seq.num_computed + n == seq.num_tokens
                 plans.append(Plan(seq, seq.token_ids[seq.num_computed : seq.num_computed + n], int(last)))
         for name, items in decode.items():
-            seqs = [s for s, _ in items]
-            try:
-                plans += self.strategy(name).propose(seqs, [n for _, n in items])
-            except Exception as e:  # a broken drafter fails its own sequences, not the engine
-                self._fail(seqs, e)
+            seqs, budgets = [s for s, _ in items], [n for _, n in items]
+            strategy = self.strategy(name)
+
+            def propose(idx: list[int], seqs=seqs, budgets=budgets, strategy=strategy) -> list[Plan]:
+                return strategy.propose([seqs[i] for i in idx], [budgets[i] for i in idx])
+
+            proposed = self._isolated(seqs, propose)
+            plans += [p for p in proposed if p is not None]
         plans = [p for p in plans if not p.seq.finished]
         if not plans:
             return
@@ -298,27 +332,39 @@ class LLMEngine:
         for p in plans:
             by_strategy[p.seq.strategy].append(p)
         for name, group in by_strategy.items():
-            try:
-                self.strategy(name).on_forward(group, out)
-            except Exception as e:
-                self._fail([p.seq for p in group], e)
+            strategy = self.strategy(name)
+
+            def on_forward(idx: list[int], group=group, strategy=strategy) -> list[None]:
+                strategy.on_forward([group[i] for i in idx], out)
+                return [None] * len(idx)
+
+            self._isolated([p.seq for p in group], on_forward)
         groups: dict[str, list[Plan]] = defaultdict(list)
         for p in plans:
+            if p.seq.finished:
+                continue
             if p.num_logits:
                 groups[p.seq.strategy].append(p)
-            elif not p.seq.finished:  # a prefill chunk short of the prompt's end (or K/V-only tokens)
+                continue
+            try:  # a prefill chunk short of the prompt's end (or K/V-only tokens)
                 p.seq.num_computed += len(p.tokens)
                 self._cache(p.seq)
                 self.strategy(p.seq.strategy).on_commit(p.seq)
+            except Exception as e:
+                self._fail([p.seq], e)
         logprob_rows: list[tuple[Sequence, int, int]] = []
         for name, group in groups.items():
-            try:
-                verdicts = self.strategy(name).verify(group, out)
-            except Exception as e:
-                self._fail([p.seq for p in group], e)
-                continue
+            strategy = self.strategy(name)
+            verdicts = self._isolated(
+                [p.seq for p in group], lambda idx, g=group, s=strategy: s.verify([g[i] for i in idx], out)
+            )
             for p, v in zip(group, verdicts, strict=True):
-                self._commit(p, v, logprob_rows)
+                if v is None:
+                    continue
+                try:
+                    self._commit(p, v, logprob_rows)
+                except Exception as e:
+                    self._fail([p.seq], e)
         # verification read the logits on the host, so these times include the device's work
         ended = time.perf_counter()
         self.step_cost.observe(num_fed, ended - forward_started)
@@ -329,6 +375,34 @@ class LLMEngine:
         self.last_step_seconds = ended - started
         self.last_step_prefilled = any(p.num_logits == 0 or len(p.tokens) > 1 + len(p.drafts) for p in plans)
         self._attach_logprobs(out, logprob_rows)
+
+    def _isolated(self, seqs: list[Sequence], call: Callable[[list[int]], list]) -> list:
+        """`call(indices)` gives one result per index; run over the whole group, as usual. If it raises,
+        run it again one index at a time from the same random and strategy state: only sequences whose own
+        call raises fail (their result is None), the others get exactly what they would have alone."""
+        saved = [
+            (None if s.params.greedy else s.generator.get_state(), copy.copy(s.strategy_state)) for s in seqs
+        ]
+        try:
+            results = call(list(range(len(seqs))))
+            assert len(results) == len(seqs), "a strategy must give one result per sequence"
+            return results
+        except Exception as e:
+            log.warning("a step phase failed for %d sequence(s) (%r): isolating the cause", len(seqs), e)
+        results = []
+        for i, (seq, (rng, state)) in enumerate(zip(seqs, saved, strict=True)):
+            if seq.finished:
+                results.append(None)
+                continue
+            if rng is not None:
+                seq.generator.set_state(rng)
+            seq.strategy_state = state
+            try:
+                results += call([i])
+            except Exception as e:
+                self._fail([seq], e)
+                results.append(None)
+        return results
 
     def _fork_siblings(self, plans: list[Plan]) -> list[Plan]:
         """n > 1: when a prompt's prefill completes, its siblings share its blocks and sample on their own."""
@@ -478,11 +552,15 @@ class LLMEngine:
     def _attach_logprobs(self, out: ForwardOutput, rows: list[tuple[Sequence, int, int]]) -> None:
         if not rows:
             return
-        entries = logprobs_of(
-            out.logits[torch.tensor([r for _, _, r in rows], device=out.logits.device)],
-            [t for _, t, _ in rows],
-            [s.params.logprobs for s, _, _ in rows],
-        )
+        try:
+            entries = logprobs_of(
+                out.logits[torch.tensor([r for _, _, r in rows], device=out.logits.device)],
+                [t for _, t, _ in rows],
+                [s.params.logprobs for s, _, _ in rows],
+            )
+        except Exception as e:  # the tokens stand; the logprobs of this step are lost
+            log.exception("logprobs failed for %d row(s)", len(rows), exc_info=e)
+            return
         for (seq, _, _), entry in zip(rows, entries, strict=True):
             seq.logprobs.append(entry)
             self._update(seq).logprobs.append(entry)
@@ -514,7 +592,10 @@ class LLMEngine:
                 root = root.branch_of
             self._finish(root, reason, error)
             return
-        self.strategy(seq.strategy).on_finish(seq)
+        try:
+            self.strategy(seq.strategy).on_finish(seq)
+        except Exception:  # the sequence ends all the same, its blocks come back below
+            log.exception("strategy %r failed to release sequence %d", seq.strategy, seq.seq_id)
         if seq.strategy == "multiverse" and seq.num_steps:
             self.metrics.multiverse_parallelism.labels(self.model_name).observe(
                 seq.num_output_tokens / seq.num_steps
@@ -525,7 +606,7 @@ class LLMEngine:
         if self.prefix_cache is not None and seq.block_table:
             self.prefix_cache.insert(seq)
         self.blocks.free(seq)
-        seq.strategy_state = None
+        seq.strategy_state = seq.swapped = None
         update = self._update(seq)
         update.finish_reason, update.error = reason, error
         update.text += detokenizer.sendable_text(seq)
@@ -550,6 +631,7 @@ class LLMEngine:
 
     def _observe_load(self) -> None:
         running, waiting, kv_free, kv_usage = self._load_gauges
+        self._num_waiting_seqs = sum(1 + len(s.forks) for s in self.scheduler.waiting)
         running.set(len(self.scheduler.running))
         waiting.set(len(self.scheduler.waiting))
         kv_free.set(self.blocks.num_available)

@@ -11,7 +11,7 @@ them and one truncate rolls all of them back.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 import torch
@@ -130,6 +130,45 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.num_computed = parent.num_computed
 
+    # -- swapping: K/V that no causal recompute gives back (parallel paths) -----------------------------
+    def swap_out(self, seqs: list[Sequence]) -> tuple[list[torch.Tensor], list[list[int]]]:
+        """Copy the blocks the sequences hold to the host (a shared block once) and free them; returns
+        (per pool (layers, 2, n, block_size, heads, dim), each sequence's table as indices into the n)."""
+        unique = list(dict.fromkeys(b for s in seqs for b in s.block_table))
+        index = {b: i for i, b in enumerate(unique)}
+        tables = [[index[b] for b in s.block_table] for s in seqs]
+        data = []
+        for pool in self.pools:
+            data.append(pool[:, :, torch.tensor(unique, dtype=torch.long, device=pool.device)].to("cpu"))
+        for s in seqs:
+            self.free(s)
+        return data, tables
+
+    def can_swap_in(self, image: tuple[list[torch.Tensor], list[list[int]]]) -> bool:
+        need = image[0][0].shape[2] if image[0] else 0
+        return need <= self.num_free or (self.evict is not None and need <= self.num_free + self.evict(0))
+
+    def swap_in(self, seqs: list[Sequence], image: tuple[list[torch.Tensor], list[list[int]]]) -> None:
+        """Give the sequences fresh blocks holding what `swap_out` copied, shared as they were."""
+        data, tables = image
+        fresh = [self._take() for _ in range(data[0].shape[2])]
+        for pool, values in zip(self.pools, data, strict=True):
+            pool[:, :, torch.tensor(fresh, dtype=torch.long, device=pool.device)] = values.to(pool.device)
+        for s, table in zip(seqs, tables, strict=True):
+            s.block_table = [fresh[i] for i in table]
+        for i, count in Counter(i for table in tables for i in table).items():
+            self.ref_counts[fresh[i]] = count
+
+    def image(self, *slot_data: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[int]]]:
+        """A one-sequence swap image (as `swap_out` gives) of `gather`ed K/V, the pieces in slot order."""
+        data = []
+        for parts in zip(*slot_data, strict=True):
+            slots = torch.cat([part.cpu() for part in parts], dim=2)  # (layers, 2, n, heads, dim)
+            pad = -slots.shape[2] % self.block_size
+            slots = torch.nn.functional.pad(slots, (0, 0, 0, 0, 0, pad))
+            data.append(slots.view(*slots.shape[:2], -1, self.block_size, *slots.shape[3:]))
+        return data, [list(range(data[0].shape[2]))]
+
     # -- data movement in every pool ---------------------------------------------------------------
     def copy_block(self, src: int, dst: int) -> None:
         for pool in self.pools:
@@ -140,6 +179,20 @@ class BlockManager:
         for pool in self.pools:
             flat = pool.view(pool.shape[0], 2, -1, *pool.shape[4:])
             flat[:, :, dst] = flat[:, :, src]
+
+    def gather(self, slots: list[int], device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """A copy of the K/V in `slots`, per pool: (layers, 2, len(slots), kv_heads, head_dim)."""
+        out = []
+        for pool in self.pools:
+            flat = pool.view(pool.shape[0], 2, -1, *pool.shape[4:])
+            out.append(flat[:, :, torch.tensor(slots, device=pool.device)].to(device or pool.device))
+        return out
+
+    def scatter(self, slots: list[int], data: list[torch.Tensor]) -> None:
+        """Write what `gather` gave back into `slots` (the same count) of every pool."""
+        for pool, values in zip(self.pools, data, strict=True):
+            flat = pool.view(pool.shape[0], 2, -1, *pool.shape[4:])
+            flat[:, :, torch.tensor(slots, device=pool.device)] = values.to(pool.device)
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table

@@ -24,16 +24,28 @@ def _param(seqs: Seq[Sequence], name: str, device: torch.device) -> torch.Tensor
     return torch.tensor([getattr(s.params, name) for s in seqs], dtype=torch.float32, device=device)
 
 
+def logit_bias(seqs: Seq[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
+    """(B, V) float32: each sequence's logit_bias, built on the host and moved once."""
+    bias = torch.zeros(len(seqs), vocab)
+    for b, s in enumerate(seqs):
+        if s.params.logit_bias:
+            bias[b, list(s.params.logit_bias)] = torch.tensor(list(s.params.logit_bias.values()))
+    return bias.to(device)
+
+
 def apply_penalties(
     logits: torch.Tensor, seqs: Seq[Sequence], drafts: torch.Tensor, stop_ids: Seq[set[int]]
 ) -> torch.Tensor:
-    """Presence/frequency/repetition penalties and min_tokens over (B, P, V) logits.
+    """logit_bias, presence/frequency/repetition penalties and min_tokens over (B, P, V) logits (float32).
 
     Row p of sequence b comes after the sequence's output tokens plus drafts[b, :p], so those drafts
     count as generated tokens there, exactly as they would have in autoregressive decoding.
     """
     B, P, V = logits.shape
     device = logits.device
+    logits = logits.float()
+    if any(s.params.logit_bias for s in seqs):
+        logits = logits + logit_bias(seqs, V, device)[:, None]
     if any(s.params.has_penalties for s in seqs):
         counts = torch.zeros(B, P, V, device=device)
         prompt_seen = torch.zeros(B, V, dtype=torch.bool, device=device)
@@ -64,7 +76,7 @@ def target_probs(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     device = logits.device
     greedy = torch.tensor([s.params.greedy for s in seqs], device=device).view(B, 1, 1)
     temp = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device).view(B, 1, 1)
-    x = logits / temp
+    x = logits.float() / temp  # float32: 1/T reaches 1e5, past float16's range
     top_k = torch.tensor([s.params.top_k or V for s in seqs], device=device).view(B, 1, 1)
     top_p = _param(seqs, "top_p", device).view(B, 1, 1)
     if any(s.params.top_k or s.params.top_p < 1 for s in seqs if not s.params.greedy):
@@ -121,7 +133,7 @@ def verify_chains(
     """
     B = len(seqs)
     device = logits.device
-    plain = allowed is None and not any(s.params.has_penalties or s.params.min_tokens for s in seqs)
+    plain = allowed is None and not any(s.params.processes_logits for s in seqs)
     greedy = all(s.params.greedy for s in seqs)
     if plain and greedy and not any(drafts):  # autoregressive greedy: one argmax, one read
         whole = len(first_rows) == logits.shape[0] and all(r == i for i, r in enumerate(first_rows))
@@ -138,7 +150,7 @@ def verify_chains(
     draft_t = torch.from_numpy(draft_np).to(device)
     x = logits[torch.from_numpy(rows_np).to(device)]  # (B, K+1, V)
     if not plain:
-        if any(s.params.has_penalties or s.params.min_tokens for s in seqs):
+        if any(s.params.processes_logits for s in seqs):
             x = apply_penalties(x, seqs, draft_t, stop_ids)
         if allowed is not None:
             x = x.masked_fill(~allowed, float("-inf"))

@@ -40,20 +40,56 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence) -> list[Sequence]:
+        """Free `seq`'s blocks for a later recompute (or its family's, swapped out); returns the sequences
+        this took off `running`."""
+        family = family_of(seq)
+        if len(family) > 1 or seq.max_cacheable is not None:
+            return self._swap_out(family)
         self.running.remove(seq)
         if self.prefix_cache is not None:  # its computed blocks stay cached: recompute may hit them
             self.prefix_cache.insert(seq)
         self.blocks.free(seq)
         seq.num_computed = 0
-        seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
         self.num_preemptions += 1
         self.on_preempt(seq)
+        self.wait(seq)
+        return [seq]
+
+    def _swap_out(self, family: list[Sequence]) -> list[Sequence]:
+        """Parallel paths and merged ones hold K/V that a causal recompute would not give back: the whole
+        family (top sequence and every path, running or paused) waits with a host copy of its blocks."""
+        root = family[0]
+        was_running = [s in self.running for s in family]
+        for s in family:
+            self.remove(s)
+        root.swapped = (family, [s.status for s in family], was_running, self.blocks.swap_out(family))
+        for s in family:
+            s.status = Status.WAITING
+        self.num_preemptions += 1
+        self.waiting.appendleft(root)
+        return [s for s, running in zip(family, was_running, strict=True) if running]
+
+    def _swap_in(self, root: Sequence) -> bool:
+        family, statuses, was_running, image = root.swapped
+        if len(self.running) + sum(was_running) > self.max_num_seqs or not self.blocks.can_swap_in(image):
+            return False
+        self.waiting.popleft()
+        self.blocks.swap_in(family, image)
+        for s, status, running in zip(family, statuses, was_running, strict=True):
+            s.status = status
+            if running:
+                self.running.append(s)
+        root.swapped = None
+        return True
+
+    def wait(self, seq: Sequence, image: tuple | None = None) -> None:
+        """Put a sequence that holds no blocks first in the queue; with `image` (a `swap_out`) it comes back
+        holding that K/V, running."""
+        if image is not None:
+            seq.swapped = ([seq], [Status.RUNNING], [True], image)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
 
     def schedule(self, lookahead: Callable[[Sequence], int]) -> list[tuple[Sequence, int]]:
         """[(sequence, number of tokens it feeds)], with KV blocks allocated for those tokens."""
@@ -69,10 +105,13 @@ class Scheduler:
                 if want > 1 and seq.num_pending == 1:
                     want = 1  # drop the drafts before taking blocks from anyone else
                     continue
-                victim = self.running[-1]
-                self._preempt(victim)
+                gone = self._preempt(self.running[-1])
                 preempted = True
-                if victim is seq:
+                # a family leaves as a whole: members already scheduled this step give their tokens back
+                budget += sum(n for s, n in scheduled if s in gone)
+                scheduled = [(s, n) for s, n in scheduled if s not in gone]
+                i = len(scheduled)  # the scheduled ones are still running[:i], in order
+                if seq in gone:
                     break
             else:
                 self.blocks.allocate(seq, seq.num_computed + want)
@@ -81,6 +120,10 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
+            if seq.swapped is not None:
+                if not self._swap_in(seq):
+                    break
+                continue  # back as it was; it runs from the next step
             if len(self.running) + 1 + len(seq.forks) > self.max_num_seqs:
                 break
             if self.prefix_cache is not None and not seq.block_table:
@@ -97,3 +140,15 @@ class Scheduler:
             scheduled.append((seq, want))
             budget -= want
         return scheduled
+
+
+def family_of(seq: Sequence) -> list[Sequence]:
+    """The top sequence above `seq` (itself, if it is no path) and every path below it, top first."""
+    root = seq
+    while root.branch_of is not None:
+        root = root.branch_of
+    family, stack = [], [root]
+    while stack:
+        family.append(stack.pop())
+        stack += family[-1].branches
+    return family

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,18 @@ from typing import Any
 import torch
 
 from branchwise.constraints import Constraint
+
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy decoding (vLLM's rule): 1/T would overflow
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # outside it, penalised logits leave float range
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses, naming the parameter at fault (the server's 400 `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -33,29 +46,56 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the top k
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     constraint: Constraint | None = None  # a grammar the output must match (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
+        """Checks what needs no model; the engine checks token ids and top_k against the vocabulary."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.top_k < 0:
             self.top_k = 0
+        floats = [self.temperature, self.top_p, self.min_p, self.presence_penalty, self.frequency_penalty]
+        floats += [self.repetition_penalty, *self.logit_bias.values()]
+        low, high = REPETITION_PENALTY_RANGE
         checks = [
-            (self.n >= 1, "n must be at least 1"),
-            (self.temperature >= 0, "temperature must be non-negative"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (self.min_tokens >= 0, "min_tokens must be non-negative"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
-            (all(s for s in self.stop), "stop strings must be non-empty"),
+            (all(math.isfinite(x) for x in floats), None, "sampling parameters must be finite numbers"),
+            (self.n >= 1, "n", "n must be at least 1"),
+            (self.temperature >= 0, "temperature", "temperature must be non-negative"),
+            (0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p", "min_p must be in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
+            (
+                low <= self.repetition_penalty <= high,
+                "repetition_penalty",
+                f"repetition_penalty must be in [{low}, {high}]",
+            ),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1"),
+            (self.min_tokens >= 0, "min_tokens", "min_tokens must be non-negative"),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                f"min_tokens must be at most max_tokens ({self.max_tokens})",
+            ),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "logprobs must be in [0, 20]"),
+            (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (
+                all(-100 <= b <= 100 for b in self.logit_bias.values()),
+                "logit_bias",
+                "logit_bias values must be in [-100, 100]",
+            ),
+            (
+                self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                "seed",
+                "seed must fit in 64 bits",
+            ),
         ]
-        for ok, message in checks:
+        for ok, param, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InvalidRequest(message, param)
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +104,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def processes_logits(self) -> bool:
+        """Logits pass through `sampler.apply_penalties` (bias, penalties, min_tokens) before sampling."""
+        return bool(self.logit_bias or self.min_tokens or self.has_penalties)
 
 
 class Status(enum.Enum):
@@ -94,8 +139,10 @@ class Sequence:
     strategy_state: Any = None  # owned by the sequence's strategy; reset on preemption
     matcher: Any = None  # llguidance matcher of params.constraint, advanced on committed tokens
     branch_of: Sequence | None = None  # a Multiverse path: a hidden sequence its parent merges back
+    branches: list[Sequence] = field(default_factory=list)  # this sequence's paths while they run
     position_offset: int = 0  # position = KV index + offset (after merged parallel paths)
     max_cacheable: int | None = None  # tokens whose K/V a later request may reuse (None: all)
+    swapped: Any = None  # preempted with K/V no causal recompute gives back: see Scheduler._swap_out
     # detokenisation
     output_text: str = ""
     num_text_sent: int = 0

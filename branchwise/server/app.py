@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,6 +20,7 @@ from branchwise.config import EngineConfig, ServerConfig
 from branchwise.engine.engine import LLMEngine
 from branchwise.engine.sequence import SamplingParams, SeqUpdate
 from branchwise.server.engine_loop import EngineLoop
+from branchwise.server.guard import Guard
 from branchwise.server.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,11 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
         loop.stop()
 
     app = FastAPI(title="branchwise", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_request_bytes)
     app.state.loop = loop
     app.state.engine = engine
+    # no token is shorter than one character and none longer than this: a bound on a text's token count
+    max_token_chars = max(len(t) for t in tokenizer.get_vocab())
 
     # -- errors: always OpenAI's shape ------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -148,24 +152,21 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
                 error_body(f"Malformed JSON body: {err.get('msg')}", 400, "invalid_request_error"), 400
             )
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        message = f"{'.'.join(loc)}: {err.get('msg')}" if loc else str(err.get("msg"))
+        msg = str(err.get("msg"))
+        if err.get("type") == "extra_forbidden":
+            msg = "this parameter is not supported by this server"
+        message = f"{'.'.join(loc)}: {msg}" if loc else msg
         return JSONResponse(error_body(message, 400, "invalid_request_error", loc[0] if loc else None), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
-            e.status_code, "invalid_request_error"
-        )
+        kind = {404: "not_found_error"}.get(e.status_code, "invalid_request_error")
         return JSONResponse(error_body(str(e.detail), e.status_code, kind), e.status_code)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
         log.exception("unhandled error")
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", 500, "internal_error"), 500)
-
-    def check_auth(request: Request) -> None:
-        if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
-            raise APIError(401, "Unauthorized: a valid API key is required", "authentication_error")
 
     # -- open routes ------------------------------------------------------------------------------
     @app.get("/health")
@@ -178,7 +179,7 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
     async def metrics():
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_auth)])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
     async def models():
@@ -197,8 +198,30 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
         if name is not None and name not in (model_name, config.model):
             raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model")
 
+    def encode(text: str, param: str, special: bool = True) -> list[int]:
+        """Token ids of a text; a 400 for text that cannot fit (checked before tokenizing) or be encoded."""
+        if len(text) > engine.max_model_len * max_token_chars:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {engine.max_model_len} tokens; a text of "
+                f"{len(text)} characters is longer than that.",
+                param=param,
+            )
+        try:
+            return tokenizer.encode(text, add_special_tokens=special)
+        except (TypeError, ValueError) as e:  # e.g. a lone surrogate ("\ud800"): not Unicode text
+            raise APIError(400, f"the text cannot be tokenized: {e}", param=param) from e
+
     def submit(prompts: list[list[int]], params: SamplingParams, req) -> list[str]:
-        if loop.num_waiting + len(prompts) > config.max_queue:
+        num_seqs = len(prompts) * params.n
+        if num_seqs > engine.config.max_num_seqs:
+            raise APIError(
+                400,
+                f"this request asks for {num_seqs} completions (prompts x n); this server runs at most "
+                f"{engine.config.max_num_seqs} at once (max_num_seqs)",
+                param="n" if len(prompts) == 1 else "prompt",
+            )
+        if loop.num_waiting + num_seqs > config.max_queue:
             raise APIError(
                 503,
                 "The server is overloaded: too many requests are waiting. Retry later.",
@@ -218,21 +241,22 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
         except ValueError as e:
             for rid in ids[:-1]:
                 loop.cancel(rid)
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from e
         return ids
 
-    def sampling(req, max_tokens: int | None, logprobs: int | None) -> tuple[SamplingParams, dict]:
+    async def sampling(req, max_tokens: int | None, logprobs: int | None) -> tuple[SamplingParams, dict]:
         """The request's sampling params, and what the response reports about its constraint."""
         try:
             params = req.sampling_params(max_tokens, logprobs)
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from e
         param = None
         try:
             params.constraint, param = req.constraint()
             if params.constraint is None:
                 return params, {}
-            warnings = engine.check_constraint(params.constraint)
+            # compiling may take a while (within --max-constraint-seconds): off the event loop
+            warnings = await asyncio.to_thread(engine.check_constraint, params.constraint)
         except ValueError as e:
             raise APIError(400, str(e), param=param) from e
         if params.constraint.lenient:  # an explicit opt-in: say what was not enforced
@@ -332,14 +356,14 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
             raise APIError(400, "`best_of` other than n is not supported", param="best_of")
         p = req.prompt
         if isinstance(p, str):
-            prompts = [tokenizer.encode(p)]
+            prompts = [encode(p, "prompt")]
         elif isinstance(p[0], str):
-            prompts = [tokenizer.encode(x) for x in p]
+            prompts = [encode(x, "prompt") for x in p]
         elif isinstance(p[0], int):
             prompts = [list(p)]
         else:
             prompts = [list(x) for x in p]
-        params, report = sampling(req, req.max_tokens, req.logprobs)
+        params, report = await sampling(req, req.max_tokens, req.logprobs)
         rids = submit(prompts, params, req)
         head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model_name}
         head |= report
@@ -379,19 +403,21 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
+            | ({"name": m.name} if m.name else {})
+            for m in req.messages
+        ]
         try:
-            messages = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in req.messages
-            ]
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
-        text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
-        )
-        prompt = tokenizer.encode(text, add_special_tokens=False)
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
+            )
+        except Exception as e:  # the template's own checks (roles must alternate, ...) speak to the client
+            message = f"the chat template cannot render these messages: {e}"
+            raise APIError(400, message, param="messages") from e
+        prompt = encode(text, "messages", special=False)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params, report = sampling(req, req.max_completion_tokens or req.max_tokens, logprobs)
+        params, report = await sampling(req, req.max_completion_tokens or req.max_tokens, logprobs)
         rids = submit([prompt], params, req)
         head = {
             "id": new_id("chatcmpl"),

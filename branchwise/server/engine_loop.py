@@ -31,8 +31,8 @@ class EngineLoop:
 
     @property
     def num_waiting(self) -> int:
-        """Requests accepted but not yet scheduled (the queue that --max-queue bounds)."""
-        return len(self.engine.scheduler.waiting) + self.engine.num_queued
+        """Sequences accepted but not running (the queue that --max-queue bounds)."""
+        return self.engine.num_waiting_seqs
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

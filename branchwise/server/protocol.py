@@ -10,24 +10,53 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from branchwise.constraints import Constraint
-from branchwise.engine.sequence import SamplingParams
+from branchwise.engine.sequence import REPETITION_PENALTY_RANGE, SEED_RANGE, SamplingParams
 
 
-class StrategyChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(BaseModel):
+    """A request body part: unknown fields and non-finite numbers are a 400, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+
+
+class StrategyChoice(Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _SamplingFields(BaseModel):
-    """Fields both routes share; unknown fields are ignored, as OpenAI-compatible servers do."""
+class JSONSchemaFormat(Strict):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+    lenient: bool = False  # ours: ignore keywords llguidance cannot enforce (the response says which)
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: at most one kind of constraint."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    lenient: bool = False
+
+
+class _SamplingFields(Strict):
+    """Fields both routes share. Every field that changes the output is honoured; unknown ones are a 400."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
@@ -35,10 +64,13 @@ class _SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(
+        None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
+    logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -47,15 +79,21 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     strategy: StrategyChoice | str | None = None
     # constrained output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
-    response_format: dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # metadata OpenAI's clients may send: nothing about the output depends on it
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -63,6 +101,16 @@ class _SamplingFields(BaseModel):
         stops = [v] if isinstance(v, str) else v
         if stops is not None and any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for key, value in (v or {}).items():
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"values must be in [-100, 100], got {value}")
         return v
 
     def strategy_choice(self) -> tuple[str | None, dict]:
@@ -76,26 +124,19 @@ class _SamplingFields(BaseModel):
         """(the request's output constraint, the field it came from); ValueError if malformed."""
         found: list[tuple[str, Constraint]] = []
         rf = self.response_format
-        if rf is not None:
-            kind = rf.get("type")
-            if kind == "json_object":
-                found.append(("response_format", Constraint("json_object")))
-            elif kind == "json_schema":
-                spec = rf.get("json_schema") or {}
-                if "schema" not in spec:
-                    raise ValueError("response_format.json_schema.schema is required")
-                lenient = bool(spec.get("lenient", False))
-                found.append(("response_format", Constraint.json_schema(spec["schema"], lenient)))
-            elif kind != "text":
-                raise ValueError(f"response_format type {kind!r} is not supported")
-        so = dict(self.structured_outputs or {})
-        lenient = bool(so.pop("lenient", False))
-        for key, value in so.items():
-            if value is None or value is False:
-                continue
-            if key not in STRUCTURED_KINDS:
-                raise ValueError(f"structured_outputs.{key} is not supported")
-            found.append((f"structured_outputs.{key}", _constraint(key, value, lenient)))
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", Constraint("json_object")))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ValueError("response_format.json_schema.schema is required")
+            spec = rf.json_schema
+            found.append(("response_format", Constraint.json_schema(spec.schema_, spec.lenient)))
+        so = self.structured_outputs
+        if so is not None:
+            for key in STRUCTURED_KINDS:
+                value = getattr(so, "json_" if key == "json" else key)
+                if value is not None and value is not False:
+                    found.append((f"structured_outputs.{key}", _constraint(key, value, so.lenient)))
         for key in STRUCTURED_KINDS:
             value = getattr(self, f"guided_{key}", None)
             if value is not None:
@@ -116,6 +157,7 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             stop=stop,
@@ -137,6 +179,10 @@ def _constraint(kind: str, value: Any, lenient: bool) -> Constraint:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise ValueError(f"the JSON schema is not valid JSON: {e}") from e
+        if value is True:
+            value = None  # `true`: any JSON value vLLM-style; we take any object, as json_object does
+        if not isinstance(value, dict | None):
+            raise ValueError("a JSON schema must be an object")
         return Constraint.json_schema(value, lenient)
     if kind == "json_object":
         return Constraint("json_object")
@@ -158,25 +204,31 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v):
-        if isinstance(v, list) and len(v) == 0:
+        if isinstance(v, list) and (len(v) == 0 or any(isinstance(x, list | str) and not x for x in v)):
             raise ValueError("prompt must not be empty")
         return v
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | None = None
+    name: str | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            parts = []
-            for part in self.content:
-                if part.get("type") != "text":
-                    raise ValueError(f"content parts of type {part.get('type')!r} are not supported")
-                parts.append(part.get("text", ""))
-            return "".join(parts)
-        return self.content or ""
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v):
+        """Content parts of type text, joined; any other part type is a 400."""
+        if not isinstance(v, list):
+            return v
+        texts = []
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"content part {i}: parts of type {kind!r} are not supported, only 'text'")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i}: `text` must be a string")
+            texts.append(part["text"])
+        return "".join(texts)
 
 
 class ChatCompletionRequest(_SamplingFields):

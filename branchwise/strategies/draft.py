@@ -61,35 +61,37 @@ class DraftStrategy(SpeculativeStrategy):
         active = [i for i, k in enumerate(want) if k > 0]
         consumed = [0] * len(seqs)  # drafted tokens each matcher advanced through
         carry: list = [None] * len(seqs)  # what a drafter passes from one depth to the next
-        for depth in range(max((want[i] for i in active), default=0)):
-            idx = [i for i in active if want[i] > depth]
-            if not idx:  # every chain still going has met the end of its grammar
-                break
-            plans = [self.draft_plan(seqs[i], depth, drafts[i], carry[i]) for i in idx]
-            started = time.perf_counter()
-            logits, carried = self.draft_forward(plans)
-            for j, i in enumerate(idx):
-                carry[i] = carried[j]
-            group = [seqs[i] for i in idx]
-            if any(s.matcher is not None for s in group):  # draft only what the grammar allows
-                logits = self._mask(logits, group)
-            q = sampler.target_probs(logits[:, None], group)[:, 0]
-            u = torch.tensor(
-                [0.5 if s.params.greedy else float(torch.rand(1, generator=s.generator)) for s in group]
-            )
-            tokens = sampler.sample_from(q, u.to(q.device)).tolist()
-            self.cost.observe(sum(len(p.tokens) for p in plans), time.perf_counter() - started)
-            for j, i in enumerate(idx):
-                drafts[i].append(tokens[j])
-                probs[i].append(q[j])
-                matcher = seqs[i].matcher
-                if matcher is not None:  # advanced through the draft here, rolled back below
-                    consumed[i] += matcher.consume_token(tokens[j])
-                    if matcher.is_stopped():
-                        want[i] = depth + 1  # the grammar ends here: nothing to draft after it
-        for seq, n in zip(seqs, consumed, strict=True):
-            if n:
-                seq.matcher.rollback(n)
+        try:  # the matchers advance through the drafts; they roll back even if drafting fails
+            for depth in range(max((want[i] for i in active), default=0)):
+                idx = [i for i in active if want[i] > depth]
+                if not idx:  # every chain still going has met the end of its grammar
+                    break
+                plans = [self.draft_plan(seqs[i], depth, drafts[i], carry[i]) for i in idx]
+                started = time.perf_counter()
+                logits, carried = self.draft_forward(plans)
+                for j, i in enumerate(idx):
+                    carry[i] = carried[j]
+                group = [seqs[i] for i in idx]
+                if any(s.matcher is not None for s in group):  # draft only what the grammar allows
+                    logits = self._mask(logits, group)
+                q = sampler.target_probs(logits[:, None], group)[:, 0]
+                u = torch.tensor(
+                    [0.5 if s.params.greedy else float(torch.rand(1, generator=s.generator)) for s in group]
+                )
+                tokens = sampler.sample_from(q, u.to(q.device)).tolist()
+                self.cost.observe(sum(len(p.tokens) for p in plans), time.perf_counter() - started)
+                for j, i in enumerate(idx):
+                    drafts[i].append(tokens[j])
+                    probs[i].append(q[j])
+                    matcher = seqs[i].matcher
+                    if matcher is not None:  # advanced through the draft here, rolled back below
+                        consumed[i] += matcher.consume_token(tokens[j])
+                        if matcher.is_stopped():
+                            want[i] = depth + 1  # the grammar ends here: nothing to draft after it
+        finally:
+            for seq, n in zip(seqs, consumed, strict=True):
+                if n:
+                    seq.matcher.rollback(n)
         plans = []
         for seq, d, q in zip(seqs, drafts, probs, strict=True):
             pending = seq.token_ids[seq.num_computed :]

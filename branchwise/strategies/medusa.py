@@ -323,9 +323,12 @@ class MedusaStrategy(SpeculativeStrategy):
             [max(plans[i].seq.params.temperature, 1e-5) for i in idx for _ in plans[i].tokens],
             device=out.logits.device,
         )
-        logp = torch.log_softmax(
-            out.logits[torch.from_numpy(rows).to(out.logits.device)] / temps[:, None], -1
-        )
+        x = out.logits[torch.from_numpy(rows).to(out.logits.device)].float()
+        seqs = [plans[i].seq for i in idx]
+        if any(s.params.logit_bias for s in seqs):  # each node judged under its sequence's bias
+            per_row = torch.tensor([j for j, i in enumerate(idx) for _ in plans[i].tokens], device=x.device)
+            x = x + sampler.logit_bias(seqs, x.shape[-1], x.device)[per_row]
+        logp = torch.log_softmax(x / temps[:, None], -1)
         entropy = -(logp.exp() * logp).sum(-1)
         parents, tokens, limits, at = [], [], [], 0
         for i in idx:
@@ -391,7 +394,7 @@ class MedusaStrategy(SpeculativeStrategy):
 
 def _plain_greedy(seq: Sequence) -> bool:
     p = seq.params
-    return p.greedy and seq.matcher is None and not p.has_penalties and not p.min_tokens
+    return p.greedy and seq.matcher is None and not p.processes_logits
 
 
 def _tree_rows(plans: list[Plan], idx: list[int]) -> np.ndarray:

@@ -107,8 +107,9 @@ class MultiverseStrategy(Strategy):
             child.status = Status.RUNNING
             engine.scheduler.running.append(child)
             branches.append(child)
+        parent.branches = branches
         st = parent.strategy_state or {}
-        st.update(branches=branches, fork_start=start)
+        st["fork_start"] = start
         parent.strategy_state = st
         engine.scheduler.remove(parent)  # it waits, holding its blocks, until its paths merge
         parent.status = Status.PAUSED
@@ -120,7 +121,7 @@ class MultiverseStrategy(Strategy):
         self.engine.scheduler.remove(branch)
         parent = branch.branch_of
         st = parent.strategy_state
-        branches = st["branches"]
+        branches = parent.branches
         st.setdefault("shown", 0)
         while st["shown"] < len(branches) and branches[st["shown"]].strategy_state.get("done"):
             for token in branches[st["shown"]].token_ids[st["fork_start"] :]:
@@ -134,7 +135,7 @@ class MultiverseStrategy(Strategy):
     def _merge(self, parent: Sequence) -> None:
         engine, blocks = self.engine, self.engine.blocks
         st = parent.strategy_state
-        branches, start = st.pop("branches"), st.pop("fork_start")
+        branches, start = parent.branches, st.pop("fork_start")
         st.pop("shown")
         goal_end = start - 1  # the parent's pending `</Goal>`: each branch computed it
         paths = [b.token_ids[start:] for b in branches]
@@ -143,17 +144,19 @@ class MultiverseStrategy(Strategy):
         src = blocks.slots(branches[0], goal_end, start)
         for b in branches:
             src += blocks.slots(b, start, b.num_tokens)
-        if not blocks.can_allocate(parent, end):
-            self._release(branches)
-            engine.finish(parent, "error", "no KV blocks left to merge the parallel paths")
-            return
-        blocks.allocate(parent, end)
-        device = blocks.pools[0].device
-        blocks.move_slots(
-            torch.tensor(src, device=device), torch.tensor(blocks.slots(parent, goal_end, end), device=device)
-        )
+        kv = blocks.gather(src)  # a copy: the paths' own blocks go back before the parent takes new ones
         self._release(branches)
-        parent.num_computed = end
+        if blocks.can_allocate(parent, end):
+            blocks.allocate(parent, end)
+            blocks.scatter(blocks.slots(parent, goal_end, end), kv)
+            parent.num_computed = end
+            engine.scheduler.running.append(parent)
+            parent.status = Status.RUNNING
+        else:  # no room even so: the parent waits swapped out, as a preempted family does
+            parent.num_computed = end
+            image = blocks.image(blocks.gather(blocks.slots(parent, 0, goal_end), "cpu"), kv)
+            blocks.free(parent)
+            engine.scheduler.wait(parent, image)
         # the conclusion's positions go on after the longest path; its K/V index after all of them
         parent.position_offset -= len(tokens) - max(len(p) for p in paths)
         # K/V from here on is not what a causal forward of these tokens computes: not for other requests
@@ -162,8 +165,6 @@ class MultiverseStrategy(Strategy):
         )
         if parent.branch_of is not None:
             parent.strategy_state = {"path_start": st["path_start"]}
-        engine.scheduler.running.append(parent)
-        parent.status = Status.RUNNING
         engine.append(parent, self.conclusion)
 
     def _release(self, branches: list[Sequence]) -> None:
@@ -172,10 +173,10 @@ class MultiverseStrategy(Strategy):
             self.engine.scheduler.remove(b)
             self.engine.blocks.free(b)
             b.status = Status.FINISHED
+            b.branch_of.branches = []
 
     def on_finish(self, seq: Sequence) -> None:
-        st = seq.strategy_state or {}
-        self._release(st.get("branches", []))
+        self._release(seq.branches)
 
     def on_preempt(self, seq: Sequence) -> None:
         """A preempted branch recomputes its prefix + path causally: its state stays valid."""
