@@ -169,3 +169,15 @@ def test_a_temperature_below_1e_5_is_greedy_and_penalties_stay_in_range(spec_llm
     ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_paths_that_outgrow_the_whole_cache_fail_their_request_alone_instead_of_hanging(demo_llm):
+    chats = arithmetic_chats(demo_llm, 5)  # the fifth forks paths longer than 8 blocks hold
+    params = SamplingParams(temperature=0, max_tokens=None)
+    want = [o.outputs[0].token_ids for o in demo_llm.generate(chats, params, strategy="multiverse")]
+    llm = LLM(str(ASSET_DIR), num_blocks=8)
+    outs = llm.generate(chats, params, strategy="multiverse")
+    assert [o.outputs[0].finish_reason for o in outs] == ["stop"] * 4 + ["error"]
+    assert "more KV blocks than the whole cache holds" in outs[4].usage["error"]
+    assert [o.outputs[0].token_ids for o in outs[:4]] == want[:4]
+    assert llm.engine.blocks.num_available == llm.engine.blocks.num_blocks

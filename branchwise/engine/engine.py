@@ -291,6 +291,9 @@ class LLMEngine:
         scheduled = self.scheduler.schedule(lookahead)
         for seq, error in broken:
             self._fail([seq], error)
+        while self.scheduler.hopeless:
+            seq = self.scheduler.hopeless.pop()
+            self._finish(seq, "error", "the parallel paths need more KV blocks than the whole cache holds")
         scheduled = [(seq, n) for seq, n in scheduled if not seq.finished]
         if scheduled:
             self.num_steps += 1

@@ -27,6 +27,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.hopeless: list[Sequence] = []  # families that cannot fit even alone: the engine fails them
         self.on_preempt: Callable[[Sequence], None] = lambda seq: None
         self.prefix_cache: PrefixCache | None = None
         self.on_cache_hit: Callable[[Sequence, int], None] = lambda seq, num_tokens: None
@@ -107,6 +108,8 @@ class Scheduler:
                     continue
                 gone = self._preempt(self.running[-1])
                 preempted = True
+                if seq in gone and not self.running and len(gone) > 1:
+                    self.hopeless.append(family_of(seq)[0])  # its paths alone outgrow the whole cache
                 # a family leaves as a whole: members already scheduled this step give their tokens back
                 budget += sum(n for s, n in scheduled if s in gone)
                 scheduled = [(s, n) for s, n in scheduled if s not in gone]
