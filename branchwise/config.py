@@ -50,6 +50,14 @@ class EngineConfig(BaseModel):
         description="most seconds a request's output constraint may take to compile and compute its first "
         "masks; a slower or broken one is refused with a 400",
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "json"] = Field(
+        "auto",
+        description="how the model writes tool calls; 'auto' reads it from the chat template (hermes/Qwen "
+        "<tool_call>, Mistral [TOOL_CALLS], Llama 3 JSON), else 'json': a JSON array of calls",
+    )
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
+        None, description="split <think> text into reasoning_content / reasoning (default: no splitting)"
+    )
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
     prefix_cache: bool = Field(True, description="share the KV blocks of common prompt prefixes")
 

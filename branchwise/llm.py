@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 
@@ -10,6 +11,8 @@ from tqdm import tqdm
 from branchwise.config import EngineConfig
 from branchwise.engine.engine import LLMEngine
 from branchwise.engine.sequence import CompletionOutput, RequestOutput, SamplingParams, SeqUpdate
+from branchwise.server.chat import finish_reason, message_of, plan_chat
+from branchwise.server.tool_parsers import choice_mode
 
 Prompt = str | list[int]
 
@@ -28,6 +31,45 @@ class LLM:
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(
+        self,
+        messages: list[dict],
+        params: SamplingParams | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+        chat_template_kwargs: dict | None = None,
+        strategy: str | None = None,
+    ) -> RequestOutput:
+        """One chat completion, as /v1/chat/completions does it: OpenAI-shaped messages and tools; the
+        outputs carry `reasoning` and `tool_calls` (finish_reason "tool_calls") where they apply."""
+        params = params or SamplingParams()
+        config = self.engine.config
+        plan = plan_chat(
+            self.tokenizer,
+            messages,
+            tools,
+            choice_mode(tools, tool_choice),
+            parallel_tool_calls,
+            params.constraint,
+            chat_template_kwargs,
+            config.tool_call_parser,
+            config.reasoning_parser,
+        )
+        keep = params.skip_special_tokens and not plan.keep_special
+        params = dataclasses.replace(params, constraint=plan.constraint, skip_special_tokens=keep)
+        prompt = self.tokenizer.encode(plan.prompt_text, add_special_tokens=False)
+        out = self.generate(prompt, params, strategy)[0]
+        for o in out.outputs:
+            message, has_calls = message_of(plan, o.text)
+            o.text, o.reasoning, o.tool_calls = (
+                message["content"] or "",
+                message.get("reasoning"),
+                message.get("tool_calls"),
+            )
+            o.finish_reason = finish_reason(o.finish_reason, has_calls)
+        return out
 
     def generate(
         self,

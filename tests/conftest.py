@@ -61,18 +61,33 @@ def spec_target(tmp_path_factory, tiny_llama) -> str:
     """A 2-layer random model whose second layer adds little, with its first layer alone saved beside it
     as `draft/` and as an MTP module: drafters that agree often, not always (speculative decoding and
     constraint tests)."""
+    return with_drafters(tiny_llama, tmp_path_factory.mktemp("spec_target"))
+
+
+@pytest.fixture(scope="session")
+def tool_target(tmp_path_factory) -> str:
+    """spec_target's shape with a tokenizer that has `<think>`, `</think>`, `<tool_call>`, `</tool_call>` as
+    single tokens and the hermes/Qwen chat template (tools, tool results, thinking)."""
+    tags = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+    tok = train_tokenizer((p.read_text(errors="ignore") for p in stdlib_files(40)), 512, added_tokens=tags)
+    base = build_tiny_checkpoint(tmp_path_factory.mktemp("tool_base"), "llama", tokenizer=tok, seed=4)
+    return with_drafters(str(base), tmp_path_factory.mktemp("tool_target"))
+
+
+def with_drafters(source: str, path) -> str:
+    """`source` with its second layer damped, saved at `path` with a draft model, an MTP module and Medusa
+    heads beside it."""
     from transformers import AutoModelForCausalLM
 
     from branchwise.models.loader import load_tokenizer
     from branchwise.models.medusa import save_heads
     from branchwise.models.mtp import save_mtp
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(source)
     for proj in (model.model.layers[1].self_attn.o_proj, model.model.layers[1].mlp.down_proj):
         proj.weight.data *= 0.3
-    path = tmp_path_factory.mktemp("spec_target")
     model.save_pretrained(path)
-    load_tokenizer(tiny_llama).save_pretrained(path)
+    load_tokenizer(source).save_pretrained(path)
     save_mtp(first_layer_as_mtp(model), path / "mtp.safetensors")
     save_heads(next_token_heads(model, 3), path / "medusa", str(path))
     model.model.layers = model.model.layers[:1]

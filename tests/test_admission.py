@@ -66,7 +66,29 @@ BAD = [
         400,
         "image_url",
     ),
-    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CHAT, {"messages": USER, "tools": [{"type": "web_search"}]}, 400, "tools"),
+    (
+        CHAT,
+        {
+            "messages": USER,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
+        },
+        400,
+        "tools",
+    ),
+    (
+        CHAT,
+        {
+            "messages": USER,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        400,
+        "tool_choice",
+    ),
+    (CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "tool_call_id"),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    (CHAT, {"messages": USER, "unknown_field": 1}, 400, "unknown_field"),
     (CHAT, {"messages": USER, "logit_bias": {"1": 500}}, 400, "logit_bias"),
     (CMPL, {"prompt": "x" * (21 << 20)}, 413, "larger"),
 ]

@@ -169,6 +169,21 @@ def unpack(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torc
     return ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab_size]
 
 
+def as_lark(c: Constraint) -> str:
+    """The constraint as the right-hand side of a Lark rule, to compose with other rules (reasoning, tool
+    calls); ValueError for a kind that does not compose (a whole Lark grammar)."""
+    if c.kind in ("json", "json_object"):
+        schema = json.loads(c.value) if c.kind == "json" else ANY_JSON_OBJECT
+        if isinstance(schema, dict):
+            schema = {"x-guidance": {"whitespace_flexible": False, "lenient": c.lenient}, **schema}
+        return f"%json {json.dumps(schema)}"
+    if c.kind == "regex":
+        return f"/{llguidance.regex_to_lark(c.value)}/"
+    if c.kind == "choice":
+        return " | ".join(json.dumps(o) for o in json.loads(c.value))
+    raise ValueError("a Lark grammar constraint does not combine with reasoning or tools; use a JSON schema")
+
+
 def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "unknown error"
 

@@ -537,10 +537,16 @@ class LLMEngine:
             return
         update = self._update(seq)
         update.token_ids.append(token)
-        text = detokenizer.detokenize_step(self.decode, seq)
-        seq.output_text += text
         params = seq.params
-        if token in self.stop_token_ids(seq):
+        stopped = token in self.stop_token_ids(seq)
+        # a stop token's own text is not output (vLLM's rule), also when special tokens are kept
+        text = (
+            ""
+            if stopped and not params.include_stop_str_in_output
+            else detokenizer.detokenize_step(self.decode, seq)
+        )
+        seq.output_text += text
+        if stopped:
             self._finish(seq, "stop")
         elif (at := detokenizer.find_stop(seq, len(text))) is not None:
             seq.output_text = seq.output_text[:at]

@@ -29,7 +29,9 @@ def logit_bias(seqs: Seq[Sequence], vocab: int, device: torch.device) -> torch.T
     bias = torch.zeros(len(seqs), vocab)
     for b, s in enumerate(seqs):
         if s.params.logit_bias:
-            bias[b, list(s.params.logit_bias)] = torch.tensor(list(s.params.logit_bias.values()))
+            bias[b, list(s.params.logit_bias)] = torch.tensor(
+                list(s.params.logit_bias.values()), dtype=bias.dtype
+            )
     return bias.to(device)
 
 

@@ -215,6 +215,8 @@ class CompletionOutput:
     num_drafted: int = 0
     num_accepted: int = 0
     num_forced: int = 0  # tokens appended by grammar jump-forward
+    reasoning: str | None = None  # LLM.chat with a reasoning parser: the think text (not in `text`)
+    tool_calls: list[dict] | None = None  # LLM.chat with tools: OpenAI's tool_calls
 
 
 @dataclass

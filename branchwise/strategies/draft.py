@@ -72,6 +72,8 @@ class DraftStrategy(SpeculativeStrategy):
                 for j, i in enumerate(idx):
                     carry[i] = carried[j]
                 group = [seqs[i] for i in idx]
+                if any(s.params.logit_bias for s in group):  # the bias moves the target: the draft too
+                    logits = logits + sampler.logit_bias(group, logits.shape[-1], logits.device)
                 if any(s.matcher is not None for s in group):  # draft only what the grammar allows
                     logits = self._mask(logits, group)
                 q = sampler.target_probs(logits[:, None], group)[:, 0]
