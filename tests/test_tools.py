@@ -390,3 +390,32 @@ def test_reasoning_streams_split_at_every_point(tool_tokenizer):
         reasoning += d.get("reasoning_content", "")
         content += d.get("content", "")
     assert (reasoning, content) == ("\nsome thought </thi and more", "the answer")
+
+
+def test_calls_where_the_markers_are_plain_text_not_tokens(tiny_llama):
+    """The tiny tokenizer has no `<tool_call>` token: the grammar matches the marker as text."""
+    llm = LLM(tiny_llama)
+    assert "<tool_call>" not in llm.tokenizer.get_added_vocab()
+    messages = [{"role": "user", "content": "2 + 3?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        out = llm.chat(
+            messages, SamplingParams(temperature=0, max_tokens=200), tools=TOOLS, tool_choice=choice
+        )
+        calls = out.outputs[0].tool_calls
+        assert_valid([(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls])
+        assert "<tool_call>" not in out.outputs[0].text
+
+
+def test_a_budget_spent_while_thinking_ends_with_length(thinking_server):
+    base_url, _ = thinking_server
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": "Alice is 31. Extract her as JSON."}],
+        temperature=0,
+        max_tokens=6,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+    ).choices[0]
+    assert (
+        r.finish_reason == "length" and r.message.model_extra["reasoning_content"] and not r.message.content
+    )

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible HTTP API's routes: /v1/completions, /v1/chat/completions, /v1/models, /health,
-/metrics. The work is in one file per surface (completions.py, chat.py) over serving.py."""
+"""The OpenAI-compatible HTTP API's routes: /v1/completions, /v1/chat/completions, /v1/responses,
+/v1/models, /tokenize, /detokenize, /version, /health, /metrics. The work is in one file per surface
+(completions.py, chat.py, responses.py, tokenize.py) over serving.py."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from branchwise import __version__
 from branchwise.config import EngineConfig, ServerConfig
 from branchwise.engine.engine import LLMEngine
 from branchwise.server.chat import create_chat_completion
 from branchwise.server.completions import create_completion
 from branchwise.server.guard import Guard
 from branchwise.server.protocol import ChatCompletionRequest, CompletionRequest, error_body, now
+from branchwise.server.responses import Responses, ResponsesRequest
 from branchwise.server.serving import APIError, Serving
+from branchwise.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI:
     engine = engine or LLMEngine(EngineConfig(**config.model_dump(include=set(EngineConfig.model_fields))))
     s = Serving(config, engine)
+    responses = Responses(s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,6 +92,31 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
             "max_model_len": engine.max_model_len,
         }
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        s.check_model(model_id)
+        return (await models())["data"][0]
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize_route(req: TokenizeRequest):
+        return tokenize(s, req)
+
+    @app.post("/detokenize")
+    async def detokenize_route(req: DetokenizeRequest):
+        return detokenize(s, req)
+
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest, request: Request):
+        return await responses.create(req, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        return responses.get(response_id)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
