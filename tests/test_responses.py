@@ -161,13 +161,13 @@ def test_tokenize_detokenize_and_model_routes(server, tool_target):
 def test_input_items_become_the_chat_conversation():
     from branchwise.server.responses import ResponsesRequest, chat_messages
 
-    ARGS = '{"a": 2, "b": 3}'
+    A = '{"a": 2, "b": 3}'
 
     req = ResponsesRequest(
         input=[
             {"role": "user", "content": [{"type": "input_text", "text": "2 + 3?"}]},
             {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "add them"}]},
-            {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": ARGS},
+            {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": A},
             {"type": "function_call_output", "call_id": "call_1", "output": "5"},
         ],
         instructions="Use tools.",
@@ -180,7 +180,7 @@ def test_input_items_become_the_chat_conversation():
             "role": "assistant",
             "content": "",
             "reasoning_content": "add them",
-            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": ARGS}}],
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": A}}],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "5"},
     ]
