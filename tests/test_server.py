@@ -226,7 +226,6 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "x", "strategy": "warp-drive"}, "unknown strategy"),
     ("/v1/completions", {"prompt": "x", "strategy": {"name": "ar", "params": {"k": 3}}}, "takes no params"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {}, "prompt"),
@@ -413,3 +412,36 @@ def test_bad_schema_is_a_400_naming_the_keyword_and_lenient_mode_reports_it(serv
     assert r["structured_output"]["lenient"] is True
     assert any("uniqueItems" in w for w in r["structured_output"]["not_enforced"])
     wait_until_free(server[0])
+
+
+def test_echo_and_prompt_logprobs_equal_a_dense_forward(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    # chunked prefill (16 tokens a step), and the prompt sent twice: the second must not take the prefix cache
+    with running_server(model=tiny_llama, max_num_batched_tokens=16) as (base_url, app):
+        tok = app.state.engine.tokenizer
+        text = "def parse(self, text):\n    return [line.strip() for line in text.splitlines()]"
+        ids = tok.encode(text)
+        with torch.inference_mode():
+            dense = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        want = [dense[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+        for _ in range(2):
+            body = {"prompt": text, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2}
+            c = httpx.post(base_url + "/v1/completions", json=body | {"prompt_logprobs": 2}).json()[
+                "choices"
+            ][0]
+            assert c["text"].startswith(text) and len(c["text"]) > len(text)
+            lp = c["logprobs"]
+            assert (
+                lp["tokens"][: len(ids)] == [tok.decode([t]) for t in ids] and lp["token_logprobs"][0] is None
+            )
+            assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(want, abs=1e-4)
+            scored = c["prompt_logprobs"]
+            assert scored[0] is None and len(scored) == len(ids)
+            got = [scored[i + 1][str(ids[i + 1])]["logprob"] for i in range(len(ids) - 1)]
+            assert got == pytest.approx(want, abs=1e-4)
+            ranks = [scored[i + 1][str(ids[i + 1])]["rank"] for i in range(len(ids) - 1)]
+            assert ranks == [int((dense[i] > dense[i, ids[i + 1]]).sum()) + 1 for i in range(len(ids) - 1)]
+        wait_until_free(base_url)

@@ -310,7 +310,14 @@ class LLMEngine:
                 decode[seq.strategy].append((seq, n))
             else:
                 last = seq.num_computed + n == seq.num_tokens
-                plans.append(Plan(seq, seq.token_ids[seq.num_computed : seq.num_computed + n], int(last)))
+                tokens = seq.token_ids[seq.num_computed : seq.num_computed + n]
+                if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0:
+                    # a row scores the next prompt token (those not scored yet); the prompt's last samples
+                    first = max(seq.num_computed, len(seq.prompt_logprobs))
+                    rows = max(0, seq.num_computed + n - int(last) - first)
+                    plans.append(Plan(seq, tokens, rows + int(last), prompt_rows=rows))
+                else:
+                    plans.append(Plan(seq, tokens, int(last)))
         for name, items in decode.items():
             seqs, budgets = [s for s, _ in items], [n for _, n in items]
             strategy = self.strategy(name)
@@ -330,6 +337,7 @@ class LLMEngine:
         except Exception as e:
             self._fail([p.seq for p in plans], e)
             return
+        self._attach_prompt_logprobs([p for p in plans if p.prompt_rows], out)
         plans += self._fork_siblings(plans)
         by_strategy: dict[str, list[Plan]] = defaultdict(list)
         for p in plans:
@@ -346,7 +354,7 @@ class LLMEngine:
         for p in plans:
             if p.seq.finished:
                 continue
-            if p.num_logits:
+            if p.num_logits > p.prompt_rows:
                 groups[p.seq.strategy].append(p)
                 continue
             try:  # a prefill chunk short of the prompt's end (or K/V-only tokens)
@@ -417,7 +425,14 @@ class LLMEngine:
                     child.status = Status.RUNNING
                     self.scheduler.running.append(child)
                     born.append(
-                        Plan(child, p.tokens, p.num_logits, logits_row=p.logits_row, token_row=p.token_row)
+                        Plan(
+                            child,
+                            p.tokens,
+                            p.num_logits,
+                            prompt_rows=p.prompt_rows,
+                            logits_row=p.logits_row,
+                            token_row=p.token_row,
+                        )
                     )
                 p.seq.forks = []
         return born
@@ -557,6 +572,21 @@ class LLMEngine:
         ):
             self._finish(seq, "length")
         update.text += detokenizer.sendable_text(seq)
+
+    def _attach_prompt_logprobs(self, plans: list[Plan], out: ForwardOutput) -> None:
+        """prompt_logprobs: each prompt row's score of the prompt token after it."""
+        for p in plans:
+            seq = p.seq
+            rows = torch.arange(p.logits_row, p.logits_row + p.prompt_rows, device=out.logits.device)
+            first = p.start + len(p.tokens) - p.num_logits + 1  # the token the first row scores
+            targets = seq.token_ids[first : first + p.prompt_rows]
+            try:
+                entries = logprobs_of(out.logits[rows], targets, [seq.params.prompt_logprobs] * len(targets))
+            except Exception as e:
+                self._fail([seq], e)
+                continue
+            seq.prompt_logprobs += entries
+            self._update(seq).prompt_logprobs += entries
 
     def _attach_logprobs(self, out: ForwardOutput, rows: list[tuple[Sequence, int, int]]) -> None:
         if not rows:

@@ -196,7 +196,9 @@ def verify_chains(
 def logprobs_of(logits: torch.Tensor, tokens: Seq[int], top: Seq[int]) -> list[dict]:
     """The model's own log-probabilities (log_softmax of raw logits) of each row's chosen token and top-k."""
     lp = torch.log_softmax(logits.float(), -1)
-    chosen = lp.gather(-1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()
+    chosen_t = lp.gather(-1, torch.tensor(list(tokens), device=lp.device)[:, None])  # (R, 1)
+    ranks = (lp > chosen_t).sum(-1).add(1).tolist()
+    chosen = chosen_t[:, 0].tolist()
     k = max(top, default=0)
     top_vals, top_ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
     top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
@@ -204,7 +206,8 @@ def logprobs_of(logits: torch.Tensor, tokens: Seq[int], top: Seq[int]) -> list[d
         {
             "token_id": t,
             "logprob": c,
+            "rank": rank,  # 1 = the most likely token
             "top": list(zip(top_ids[r][: top[r]], top_vals[r][: top[r]], strict=True)),
         }
-        for r, (t, c) in enumerate(zip(tokens, chosen, strict=True))
+        for r, (t, c, rank) in enumerate(zip(tokens, chosen, ranks, strict=True))
     ]

@@ -129,7 +129,8 @@ class Scheduler:
                 continue  # back as it was; it runs from the next step
             if len(self.running) + 1 + len(seq.forks) > self.max_num_seqs:
                 break
-            if self.prefix_cache is not None and not seq.block_table:
+            wants_prompt_logits = seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
+            if self.prefix_cache is not None and not seq.block_table and not wants_prompt_logits:
                 self.on_cache_hit(seq, self.prefix_cache.attach(seq))
             want = min(budget, seq.num_pending)
             if not self.blocks.can_allocate(seq, seq.num_computed + want):

@@ -45,6 +45,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (no prefix cache)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     constraint: Constraint | None = None  # a grammar the output must match (JSON schema, regex, ...)
@@ -79,6 +80,11 @@ class SamplingParams:
                 f"min_tokens must be at most max_tokens ({self.max_tokens})",
             ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "logprobs must be in [0, 20]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs",
+                "prompt_logprobs must be in [0, 20]",
+            ),
             (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
             (
                 all(-100 <= b <= 100 for b in self.logit_bias.values()),
@@ -150,6 +156,7 @@ class Sequence:
     read_offset: int = 0
     # accounting
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict] = field(default_factory=list)  # of prompt tokens 1.., as they are computed
     num_drafted: int = 0
     num_accepted: int = 0
     num_draft_steps: int = 0
@@ -202,6 +209,7 @@ class SeqUpdate:
     num_draft_steps: int = 0
     num_forced: int = 0
     error: str | None = None
+    prompt_logprobs: list[dict] = field(default_factory=list)  # computed this step (prompt tokens 1..)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class Choice:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
     last: SeqUpdate | None = None
@@ -53,6 +54,7 @@ class Choice:
         self.text += u.text
         self.token_ids += u.token_ids
         self.logprobs += u.logprobs
+        self.prompt_logprobs += u.prompt_logprobs
         self.finish_reason = u.finish_reason or self.finish_reason
         self.error = u.error or self.error
         self.last = u
@@ -258,7 +260,7 @@ class Serving:
                     message = f"the request failed inside the engine: {u.error}"
                     yield sse(error_body(message, 500, "internal_error"))
                     continue
-                if u.text or u.finish_reason or u.logprobs:
+                if u.text or u.finish_reason or u.logprobs or u.prompt_logprobs:
                     chunk = make_chunk(c, u, offset)
                     if chunk is None:
                         continue
@@ -281,6 +283,19 @@ class Serving:
             "top_logprobs": [{self.token_text(t): lp for t, lp in e["top"]} for e in entries],
             "text_offset": offsets,
         }
+
+    def prompt_logprobs(self, entries: list[dict]) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: None for the first prompt token, then {token id: logprob, rank, text}."""
+
+        def item(t: int, lp: float, rank: int | None) -> dict:
+            return {"logprob": lp, "rank": rank, "decoded_token": self.token_text(t)}
+
+        out: list[dict | None] = [None]
+        for e in entries:
+            scored = {str(t): item(t, lp, None) for t, lp in e["top"]}
+            scored[str(e["token_id"])] = item(e["token_id"], e["logprob"], e["rank"])
+            out.append(scored)
+        return out
 
     def chat_logprobs(self, entries: list[dict]) -> dict:
         def item(t: int, lp: float) -> dict:

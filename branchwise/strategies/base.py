@@ -29,6 +29,7 @@ class Plan:
     seq: Sequence
     tokens: list[int]  # the sequence's pending tokens, then any drafted tokens
     num_logits: int = 1  # logits wanted for the last num_logits fed tokens
+    prompt_rows: int = 0  # the first of those rows score prompt tokens (prompt_logprobs), never sample
     positions: list[int] | None = None  # None: consecutive from `start`
     mask: torch.Tensor | None = None  # (n, n) bool intra-step mask; None: causal
     start: int | None = None  # KV index of tokens[0]; None: seq.num_computed
