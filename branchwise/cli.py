@@ -19,13 +19,31 @@ def add_config_args(parser: argparse.ArgumentParser, config: type[BaseModel]) ->
             continue
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
+        text = field.description or name.replace("_", " ")
+        if name == "strategy":
+            from branchwise.strategies import STRATEGIES
+
+            text = f"default decoding strategy, requests may override it: {', '.join(sorted(STRATEGIES))}"
+        shown = "none" if field.default is None else field.default
+        text = f"{text} (default: {shown})".replace("%", "%%")
         if kind in (bool, bool | None):
             parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
             )
             continue
         typ = int if kind in (int, int | None) else float if kind in (float, float | None) else str
-        parser.add_argument(flag, dest=name, type=typ, default=None, help=field.description)
+        parser.add_argument(flag, dest=name, type=typ, default=None, help=text)
+
+
+def check_model(name: str) -> None:
+    """A model that is neither the demo, a local folder nor a hub id (`org/name`) fails here, before any
+    weights load."""
+    from pathlib import Path
+
+    if name == "demo" or Path(name).exists():
+        return
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ValueError(f"model {name!r} is neither a local folder nor a hub id (org/name)")
 
 
 def build_config(args: argparse.Namespace, config: type[BaseModel], base: dict | None = None):
@@ -35,16 +53,21 @@ def build_config(args: argparse.Namespace, config: type[BaseModel], base: dict |
     try:
         return config(**values)
     except ValidationError as e:
-        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        sys.exit("invalid configuration:\n" + "\n".join(lines))
+        problems = []
+        for err in e.errors():
+            flag = "--" + ".".join(str(x) for x in err["loc"]).replace("_", "-")
+            problems.append(f"{flag}: {err['msg'].removeprefix('Value error, ')}")
+        sys.exit("error: invalid configuration: " + "; ".join(problems))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from branchwise import LLM, SamplingParams
 
     config = build_config(args, EngineConfig)
+    check_model(config.model)
     llm = LLM(**config.model_dump())
-    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    chat = llm.tokenizer.chat_template and not args.raw
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if chat else args.prompt
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed_sampling)
     for update in llm.stream(prompt, params):
         sys.stdout.write(update.text)
@@ -69,6 +92,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.model is not None:
         base["model"] = args.model
     config = build_config(args, ServerConfig, base)
+    check_model(config.model)
+    if config.log_level == "debug":
+        quiet(False)
     app = create_app(config)
     uvicorn.Server(uvicorn_config(app, config)).run()
 
@@ -80,8 +106,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     from branchwise.bench.online import bench_serve, format_table
 
     prompts = load_prompts(args.dataset, args.num_prompts)
+    base_url = args.base_url.rstrip("/").removesuffix("/v1")  # the clients' base_url works too
     result = bench_serve(
-        args.base_url,
+        base_url,
         prompts,
         [int(c) for c in args.concurrency.split(",")],
         args.max_tokens,
@@ -91,7 +118,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         args.seed,
     )
     print(format_table(result))
-    out = Path(args.out or f"benchmarks/results/serve-{time_tag()}.json")
+    out = Path(args.out or f"bench-results/{time_tag()}/serve.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
@@ -110,9 +137,11 @@ def cmd_bench_offline(args: argparse.Namespace) -> None:
         args.device,
         not args.no_baselines,
         args.out,
+        args.repeats,
+        args.min_tokens,
     )
     print(format_table(result))
-    print(f"wrote {result['json_path']} and {result['png_path']}")
+    print("wrote " + " and ".join(result[k] for k in ("json_path", "png_path") if k in result))
 
 
 def cmd_train_demo(args: argparse.Namespace) -> None:
@@ -193,18 +222,33 @@ def add_self_distillation_args(parser: argparse.ArgumentParser, out_help: str) -
     parser.add_argument("--out", default=None, help=out_help)
 
 
+def quiet(on: bool = True) -> None:
+    """transformers' per-weight loading bars and notices: off unless asked for (--log-level debug)."""
+    import transformers
+
+    if on:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    else:
+        transformers.utils.logging.set_verbosity_info()
+        transformers.utils.logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="branchwise", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete one prompt, streaming to the terminal")
     gen.add_argument("model", nargs="?", default="demo", help="checkpoint folder or hub id (default: demo)")
     gen.add_argument("prompt")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument(
+        "--raw", action="store_true", help="send the prompt as it is, not in the model's chat template"
+    )
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0.0)")
+    gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to write (default: 128)")
     gen.add_argument("--seed-sampling", type=int, default=None, help="sampling seed of this request")
     add_config_args(gen, EngineConfig)
     gen.set_defaults(func=cmd_generate)
@@ -228,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     online.add_argument("--dataset", default=None, help="a name under benchmarks/data/ or a JSONL file")
     online.add_argument("--api-key", default=None)
     online.add_argument("--seed", type=int, default=0)
-    online.add_argument("--out", default=None, help="JSON results file")
+    online.add_argument("--out", default=None, help="JSON file (default: bench-results/<time>/serve.json)")
     online.set_defaults(func=cmd_bench_serve)
 
     offline = bench.add_parser("offline", help="every strategy and the transformers baselines, in-process")
@@ -240,7 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     offline.add_argument("--max-tokens", type=int, default=128)
     offline.add_argument("--device", default="auto")
     offline.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
-    offline.add_argument("--out", default=None, help="JSON results file (the PNG goes beside it)")
+    offline.add_argument(
+        "--out", default=None, help="JSON file or folder (default: a new bench-results/<time>/ here)"
+    )
+    offline.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up")
+    offline.add_argument("--min-tokens", type=int, default=2048, help="output tokens each cell measures")
     offline.set_defaults(func=cmd_bench_offline)
 
     train = sub.add_parser("train", help="training").add_subparsers(dest="train", required=True)
@@ -268,8 +316,17 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--strategy", default=None)
     ev.set_defaults(func=cmd_eval_demo)
 
+    for p in (online, offline, demo, mtp, medusa, ev):
+        p.formatter_class = formatter
     args = parser.parse_args(argv)
-    args.func(args)
+    quiet()
+    try:
+        args.func(args)
+    except (ValueError, OSError) as e:  # a bad model, flag or file: one line, no traceback
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MODEL = "demo"  # the embedded demo model (see branchwise/models/demo.py)
 
@@ -17,16 +17,24 @@ class EngineConfig(BaseModel):
     )
     tokenizer: str | None = Field(None, description="tokenizer folder or id (default: the model's)")
     served_model_name: str | None = Field(None, description="name clients use (default: the model argument)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and KV cache dtype: auto is bfloat16 on CUDA, float32 on CPU"
+    )
     device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the engine's own randomness (requests without a seed)")
     max_model_len: int | None = Field(None, ge=16, description="context length (default: the model's)")
-    block_size: int = Field(16, ge=1, le=256)
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
     num_blocks: int | None = Field(None, ge=1, description="KV blocks (default: from gpu_memory_utilization)")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=16)
-    strategy: str = Field("ar", description="default decoding strategy; requests may override it")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of GPU memory the engine may use"
+    )
+    max_num_seqs: int = Field(256, ge=1, description="most sequences running at once")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="most tokens fed to one forward pass")
+    strategy: str = Field(
+        "ar",
+        description="default decoding strategy; requests may override it. One of: ar, draft, ngram, mtp, "
+        "medusa, multiverse (and any installed through the branchwise.strategies entry point)",
+    )
     draft_model: str | None = Field(
         None,
         description="draft checkpoint of the 'draft' strategy (default: a draft/ folder beside the model)",
@@ -61,12 +69,20 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
     prefix_cache: bool = Field(True, description="share the KV blocks of common prompt prefixes")
 
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        from branchwise.strategies import strategy_class  # the registry imports the engine: not at import
+
+        strategy_class(name)  # ValueError naming the choices, before any weights load
+        return name
+
 
 class ServerConfig(EngineConfig):
     """`branchwise serve`: the engine's settings plus the HTTP server's (one flat YAML file)."""
 
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_key: str | None = Field(
         None, description="require 'Authorization: Bearer KEY' on every route but /health and /metrics"
     )
@@ -80,7 +96,9 @@ class ServerConfig(EngineConfig):
     http_timeout: float = Field(
         10.0, gt=0, description="seconds a connection may take to send a request's headers or stay idle"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="server log level; debug also shows model loading progress"
+    )
 
 
 def load_yaml(path: str) -> dict:

@@ -1,19 +1,30 @@
-"""`branchwise bench offline` and `bench serve` smoke runs on the tiny model: every figure present, sane."""
+"""`branchwise bench offline` and `bench serve` smoke runs on the tiny model, and the CLI's one-line errors."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from test_server import running_server
 
 from branchwise.bench.offline import bench_offline, format_table
 from branchwise.bench.online import bench_serve
+from branchwise.cli import main
 
 
-def test_offline_bench_reports_every_figure_and_writes_json_and_png(tiny_llama, tmp_path):
+def test_offline_bench_reports_every_figure_with_its_spread(tiny_llama, tmp_path):
     out = tmp_path / "offline.json"
     result = bench_offline(
-        tiny_llama, ("ar", "ngram", "draft"), (1, 3), "extraction", 8, device="cpu", out=str(out)
+        tiny_llama,
+        ("ar", "ngram", "draft"),
+        (1, 3),
+        "extraction",
+        8,
+        device="cpu",
+        out=str(out),
+        repeats=2,
+        min_tokens=40,
     )
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -25,23 +36,59 @@ def test_offline_bench_reports_every_figure_and_writes_json_and_png(tiny_llama, 
         (3, True),
     }
     for r in saved["rows"]:
-        assert r["errors"] == 0 and r["requests"] == max(r["batch"], 4)
-        assert 0 < r["output_tokens"] <= 8 * r["requests"]
-        assert r["tokens_per_s"] > 0 and r["latency_s"]["p99"] >= r["latency_s"]["p50"] > 0
-        assert 0 < r["ttft_s"]["p50"] <= r["latency_s"]["p99"]
+        assert r["errors"] == 0 and r["requests"] % max(r["batch"], 4) == 0
+        assert r["output_tokens"] >= 40  # enough passes over the prompts for min_tokens
+        spread = r["tokens_per_s_spread"]
+        assert spread["min"] <= r["tokens_per_s"] == spread["p50"] <= spread["max"]
+        assert r["latency_s"]["p99"] >= r["latency_s"]["p50"] > 0 and 0 < r["ttft_s"]["p50"]
         assert r["speedup_vs_ar"] > 0 and r["speedup_vs_generate"] > 0
+        assert r["same_tokens_as_ar"]  # lossless: ngram's tokens are ar's
         if r["constrained"]:
             assert r["forced_tokens"] > 0
     assert {"hf_generate", "hf_prompt_lookup"} <= set(saved["baselines"])
     assert all(b["tokens_per_s"] > 0 for b in saved["baselines"].values())
-    assert "baseline hf_generate" in format_table(result)
+    table = format_table(result)
+    assert "baseline hf_generate" in table and "2 interleaved rounds" in table
 
 
-def test_online_bench_counts_the_tokens_the_server_returned(tiny_llama):
+def test_offline_bench_without_matplotlib_says_so_first_and_writes_outside_the_repo(tiny_llama, tmp_path):
+    args = ["bench", "offline", "--model", tiny_llama, "--strategies", "ar,ngram", "--batch-sizes", "1"]
+    args += ["--max-tokens", "8", "--no-baselines", "--repeats", "1", "--min-tokens", "8", "--device", "cpu"]
+    code = f"import sys; sys.modules['matplotlib'] = None; from branchwise.cli import main; main({args!r})"
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.index("matplotlib is not installed") < run.stdout.index("tok/s p50")
+    written = list(tmp_path.glob("bench-results/*/bench_offline-*.json"))
+    assert len(written) == 1 and not list(tmp_path.glob("bench-results/*/*.png"))
+
+
+def test_online_bench_counts_the_tokens_the_server_returned(tiny_llama, tmp_path, capsys):
     with running_server(model=tiny_llama, max_num_seqs=8) as (url, _):
         prompts = ["def add(a, b):", "import os", "class A:", "x = 1", "for i in range(3):", "# a comment"]
         result = bench_serve(url, prompts, [1, 4], 12, progress=False)
+        out = tmp_path / "serve.json"  # the base_url clients use, with /v1, works too
+        main(
+            ["bench", "serve", "--base-url", url + "/v1", "--num-prompts", "2", "--concurrency", "1"]
+            + ["--max-tokens", "4", "--out", str(out)]
+        )
+        assert json.loads(out.read_text())["levels"][0]["completed"] == 2
     for level in result["levels"]:
         assert level["completed"] == 6 and level["failed"] == 0
         assert level["output_tokens"] == 6 * 12  # ignore_eos: every request returns max_tokens
         assert level["output_throughput"] > 0 and level["ttft_s"]["p50"] > 0
+
+
+def test_cli_mistakes_are_one_line_errors_before_any_weights_load():
+    for args in (
+        ["serve", "no/such/folder"],
+        ["serve", "--strategy", "foo"],
+        ["generate", "--dtype", "int3", "x"],
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "branchwise.cli", *args], capture_output=True, text=True, timeout=120
+        )
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+        assert "Traceback" not in run.stderr

@@ -1,17 +1,22 @@
 """`branchwise bench offline`: every strategy and the `transformers` baselines, side by side in one process.
 
-For each batch size and strategy (batch 1: the first 4 prompts one after another): output tokens/s,
-per-request latency and time to first token (p50/p99), mean accepted length and acceptance rate
-(speculative), tokens per engine step (Multiverse's parallelism), and, when the dataset carries JSON
-schemas, the same run constrained. Baselines at batch 1 on the same 4 prompts and max tokens: `generate`
-(greedy), its assisted generation with the same draft model and its prompt-lookup mode. Each strategy's
-ratio is against our `ar` and against `generate`, measured back to back.
+Cells are (batch size, strategy, constrained or not); at batch 1 the first 4 prompts run one after
+another. Every cell and baseline runs once to warm up (which also sizes it: enough passes over its prompts
+for `min_tokens` output tokens), then `repeats` rounds run every cell and baseline in turn, so drift in
+machine load hits all alike. The table gives each cell's median tokens/s with its min-max over the rounds,
+the ratio to our `ar` and to `generate` (medians of the same rounds), latency and TTFT p50/p99, mean
+accepted length (speculative), tokens per engine step, and whether its tokens equalled `ar`'s. Baselines
+at batch 1 on the same prompts: `generate` (greedy), its assisted generation with the same draft model and
+its prompt-lookup mode.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -20,11 +25,10 @@ import transformers
 from tqdm import tqdm
 
 from branchwise import LLM, SamplingParams
+from branchwise.bench import percentiles
 from branchwise.bench.datasets import load_records
-from branchwise.bench.online import percentiles
 from branchwise.constraints import Constraint
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 SEQUENTIAL = 4  # prompts run one at a time at batch 1, by us and by the transformers baselines
 
 
@@ -40,17 +44,18 @@ def run_batch(
     engine = llm.engine
     batch = batch or len(prompts)
     steps, wall = engine.num_steps, 0.0
-    first, done, tokens, last = {}, {}, {}, {}
+    first, done, tokens, last, order = {}, {}, {}, {}, []
     for at in range(0, len(prompts), batch):
         start = time.perf_counter()
         for i in range(at, min(at + batch, len(prompts))):
             rid = f"bench-{strategy}-{i}-{time.monotonic_ns()}"
-            tokens[rid] = 0
+            tokens[rid] = []
+            order.append(rid)
             engine.add_request(rid, prompts[i], params[i], strategy)
         while engine.has_unfinished():
             for u in engine.step():
                 now = time.perf_counter()
-                tokens[u.request_id] += len(u.token_ids)
+                tokens[u.request_id] += u.token_ids
                 if u.token_ids and u.request_id not in first:
                     first[u.request_id] = now - start
                 if u.finish_reason:
@@ -60,7 +65,7 @@ def run_batch(
     drafts = sum(u.num_draft_steps for u in last.values())
     drafted = sum(u.num_drafted for u in last.values())
     accepted = sum(u.num_accepted for u in last.values())
-    out = sum(tokens.values())
+    out = sum(len(t) for t in tokens.values())
     return {
         "requests": len(prompts),
         "output_tokens": out,
@@ -74,31 +79,37 @@ def run_batch(
         "acceptance_rate": accepted / drafted if drafted else None,
         "forced_tokens": sum(u.num_forced for u in last.values()),
         "errors": sum(1 for u in last.values() if u.error),
+        "outputs": [tokens[r] for r in order],
     }
 
 
-def hf_baselines(
-    path: str, draft: str | None, prompts: list[list[int]], max_tokens: int, k: int, device
-) -> dict:
-    """Batch-1 `generate`, assisted generation (draft model) and prompt lookup, tokens/s over `prompts`."""
-    from transformers import AutoModelForCausalLM
+class Baselines:
+    """Batch-1 `generate`, assisted generation (same draft model) and prompt lookup, one mode at a time."""
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    assistant = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).to(device).eval() if draft else None
-    modes = {"hf_generate": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": k}}
-    if assistant is not None:
-        modes["hf_assisted"] = {"assistant_model": assistant}
-    result = {}
-    for name, extra in modes.items():
+    def __init__(self, path: str, draft: str | None, k: int, device: torch.device) -> None:
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()  # noqa: E731
+        self.model, self.device = load(path), device
+        self.modes: dict[str, dict] = {"hf_generate": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": k}}
+        if draft:
+            self.modes["hf_assisted"] = {"assistant_model": load(draft)}
+
+    def run(self, mode: str, prompts: list[list[int]], max_tokens: int) -> dict:
         tokens, start = 0, time.perf_counter()
         for prompt in prompts:
-            ids = torch.tensor([prompt], device=device)
+            ids = torch.tensor([prompt], device=self.device)
             with torch.inference_mode():
-                out = model.generate(ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=0, **extra)
+                out = self.model.generate(
+                    ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=0, **self.modes[mode]
+                )
             tokens += out.shape[1] - len(prompt)
-        result[name] = {"output_tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
-    return result
+        return {"output_tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"p50": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def bench_offline(
@@ -111,42 +122,69 @@ def bench_offline(
     device: str = "auto",
     baselines: bool = True,
     out: str | None = None,
+    repeats: int = 3,
+    min_tokens: int = 2048,
 ) -> dict:
+    plot_too = importlib.util.find_spec("matplotlib") is not None
+    if not plot_too:  # said before the run, not after it
+        print("matplotlib is not installed: no plot this run (pip install 'branchwise[bench]')")
     llm = LLM(model, draft_model=draft_model, device=device, max_num_seqs=max(max(batch_sizes), 8))
     engine = llm.engine
+    path = Path(out) if out else Path.cwd() / "bench-results" / time.strftime("%Y%m%d-%H%M%S")
+    path = path if path.suffix == ".json" else path / f"bench_offline-{dataset}-{engine.device.type}.json"
     records = load_records(dataset)
     # every batch size runs at least SEQUENTIAL prompts (batch 1: one after another), the baselines' set
     count = max(max(batch_sizes), SEQUENTIAL)
     prompts = prompts_of(llm, (records * (count // len(records) + 1))[:count])
-    rows = []
     strategies = tuple(s for s in strategies if _available(llm, s))
-    levels = [
+    cells = [
         (b, s, c)
         for b in batch_sizes
         for s in strategies
         for c in (False, True)
         if not c or "schema" in records[0]
     ]
-    for batch, strategy, constrained in tqdm(levels, desc="bench offline"):
+
+    def work(cell, passes: int) -> dict:
+        batch, strategy, constrained = cell
         n = max(batch, SEQUENTIAL)
         params = []
         for i in range(n):
             schema = records[i % len(records)].get("schema") if constrained else None
             c = Constraint.json_schema(schema) if schema else None
             params.append(SamplingParams(temperature=0, max_tokens=max_tokens, constraint=c))
-        run_batch(llm, prompts[:n], params, strategy, batch)  # warm-up (and the adaptive-K cost model)
-        row = run_batch(llm, prompts[:n], params, strategy, batch)
-        rows.append({"batch": batch, "strategy": strategy, "constrained": constrained} | row)
-    base = {}
+        return run_batch(llm, prompts[:n] * passes, params * passes, strategy, batch)
+
+    hf = None
     if baselines:
-        base = hf_baselines(
-            engine.model_path,
-            engine.draft_path,
-            prompts[:SEQUENTIAL],
-            max_tokens,
-            engine.config.num_speculative_tokens,
-            engine.device,
-        )
+        k = engine.config.num_speculative_tokens
+        hf = Baselines(engine.model_path, engine.draft_path, k, engine.device)
+    passes, hf_passes = {}, {}
+    for cell in tqdm(cells, desc="warm-up"):  # also the adaptive controllers' first estimates
+        passes[cell] = max(1, math.ceil(min_tokens / max(work(cell, 1)["output_tokens"], 1)))
+    for mode in hf.modes if hf else ():
+        tokens = hf.run(mode, prompts[:SEQUENTIAL], max_tokens)["output_tokens"]
+        hf_passes[mode] = max(1, math.ceil(min_tokens / max(tokens, 1)))
+    runs: dict = {cell: [] for cell in cells}
+    hf_runs: dict[str, list[float]] = {mode: [] for mode in hf_passes}
+    for _ in tqdm(range(repeats), desc="rounds"):
+        for cell in cells:
+            runs[cell].append(work(cell, passes[cell]))
+        for mode in hf_runs:
+            result = hf.run(mode, prompts[:SEQUENTIAL] * hf_passes[mode], max_tokens)
+            hf_runs[mode].append(result["tokens_per_s"])
+    rows = []
+    for cell, results in runs.items():
+        batch, strategy, constrained = cell
+        rates = [r["tokens_per_s"] for r in results]
+        median = sorted(results, key=lambda r: r["tokens_per_s"])[len(results) // 2]
+        row = {"batch": batch, "strategy": strategy, "constrained": constrained} | median
+        row |= {"tokens_per_s": statistics.median(rates), "tokens_per_s_spread": spread(rates)}
+        rows.append(row)
+    base = {
+        mode: {"tokens_per_s": statistics.median(v), "tokens_per_s_spread": spread(v)}
+        for mode, v in hf_runs.items()
+    }
     for r in rows:
         ar = next(
             x
@@ -154,13 +192,18 @@ def bench_offline(
             if x["batch"] == r["batch"] and x["strategy"] == "ar" and x["constrained"] == r["constrained"]
         )
         r["speedup_vs_ar"] = r["tokens_per_s"] / ar["tokens_per_s"]
+        r["same_tokens_as_ar"] = r["outputs"] == ar["outputs"]
         if "hf_generate" in base:
             r["speedup_vs_generate"] = r["tokens_per_s"] / base["hf_generate"]["tokens_per_s"]
+    for r in rows:
+        del r["outputs"]
     result = {
         "model": engine.model_path,
         "draft_model": engine.draft_path,
         "dataset": dataset,
         "max_tokens": max_tokens,
+        "repeats": repeats,
+        "min_tokens": min_tokens,
         "device": torch.cuda.get_device_name()
         if engine.device.type == "cuda"
         else platform.processor() or "cpu",
@@ -175,11 +218,12 @@ def bench_offline(
         "baselines": base,
         "tree_acceptance": tree_acceptance(engine),
     }
-    path = Path(out) if out else RESULTS / f"bench_offline-{dataset}-{engine.device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
-    plot(result, path.with_suffix(".png"))
-    result["json_path"], result["png_path"] = str(path), str(path.with_suffix(".png"))
+    result["json_path"] = str(path)
+    if plot_too:
+        plot(result, path.with_suffix(".png"))
+        result["png_path"] = str(path.with_suffix(".png"))
     return result
 
 
@@ -206,25 +250,31 @@ def _available(llm: LLM, strategy: str) -> bool:
 
 def format_table(result: dict) -> str:
     lines = [
-        f"{'batch':>5} {'strategy':<11} {'constr':>6} {'tok/s':>9} {'x ar':>6} {'x gen':>6} "
-        f"{'p50 lat':>8} {'p99 lat':>8} {'p50 ttft':>8} {'acc.len':>7} {'tok/step':>8}"
+        f"{'batch':>5} {'strategy':<11} {'constr':>6} {'tok/s p50 (min-max)':>21} {'x ar':>6} {'x gen':>6} "
+        f"{'=ar':>4} {'p50 lat':>8} {'p99 lat':>8} {'p50 ttft':>8} {'acc.len':>7} {'tok/step':>8}"
     ]
     for r in result["rows"]:
         acc = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
         gen = f"{r['speedup_vs_generate']:.2f}" if "speedup_vs_generate" in r else "-"
+        sp = r["tokens_per_s_spread"]
+        rate = f"{sp['p50']:.1f} ({sp['min']:.0f}-{sp['max']:.0f})"
         lines.append(
-            f"{r['batch']:>5} {r['strategy']:<11} {'yes' if r['constrained'] else 'no':>6} "
-            f"{r['tokens_per_s']:>9.1f} {r['speedup_vs_ar']:>6.2f} {gen:>6} "
+            f"{r['batch']:>5} {r['strategy']:<11} {'yes' if r['constrained'] else 'no':>6} {rate:>21} "
+            f"{r['speedup_vs_ar']:>6.2f} {gen:>6} {'yes' if r['same_tokens_as_ar'] else 'NO':>4} "
             f"{r['latency_s']['p50']:>8.3f} {r['latency_s']['p99']:>8.3f} {r['ttft_s']['p50']:>8.3f} "
             f"{acc:>7} {r['tokens_per_step']:>8.2f}"
         )
     for name, b in result["baselines"].items():
-        lines.append(f"baseline {name}: {b['tokens_per_s']:.1f} tok/s (batch 1)")
+        sp = b["tokens_per_s_spread"]
+        lines.append(f"baseline {name}: {sp['p50']:.1f} tok/s ({sp['min']:.0f}-{sp['max']:.0f}, batch 1)")
     for depth, ranks in sorted(result.get("tree_acceptance", {}).items()):
         cells = ", ".join(
             f"rank {r}: {a:.0f}/{n:.0f}" for r, (a, n) in sorted(ranks.items(), key=lambda x: int(x[0]))
         )
         lines.append(f"medusa tree depth {depth} accepted/proposed: {cells}")
+    lines.append(
+        f"{result['repeats']} interleaved rounds after a warm-up; each cell >= {result['min_tokens']} tokens"
+    )
     return "\n".join(lines)
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import httpx
 from tqdm import tqdm
+
+from branchwise.bench import percentiles
 
 
 @dataclass
@@ -28,14 +29,6 @@ class RequestResult:
     itls: list[float] = field(default_factory=list)
     text: str = ""
     error: str = ""
-
-
-def percentiles(values: list[float], ps=(50, 90, 99)) -> dict[str, float]:
-    if not values:
-        return {f"p{p}": 0.0 for p in ps} | {"mean": 0.0}
-    ordered = sorted(values)
-    out = {f"p{p}": ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] for p in ps}
-    return out | {"mean": statistics.fmean(values)}
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
