@@ -1,4 +1,4 @@
-"""`branchwise bench offline` and `bench serve` smoke runs on the tiny model, and the CLI's one-line errors."""
+"""`branchwise bench offline` and `bench serve` on the tiny model, and the CLI's one-line errors."""
 
 from __future__ import annotations
 
