@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -21,6 +22,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not CUDA:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collect_engines():
+    """Engines hold GBs of KV cache in reference cycles (strategies point back at them): collect each
+    module's before the next module builds its own."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
