@@ -119,7 +119,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if engine.device.type == "cuda" else platform.processor() or "cpu"
     result = {
         "model": engine.model_path,
-        "draft_model": engine.draft_path,
+        "draft_model": engine.resources["draft"].path if "draft" in engine.resources else None,
         "device": device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

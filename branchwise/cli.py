@@ -21,9 +21,9 @@ def add_config_args(parser: argparse.ArgumentParser, config: type[BaseModel]) ->
         kind = field.annotation
         text = field.description or name.replace("_", " ")
         if name == "strategy":
-            from branchwise.strategies import STRATEGIES
+            from branchwise.strategies import registry
 
-            text = f"default decoding strategy, requests may override it: {', '.join(sorted(STRATEGIES))}"
+            text = f"default decoding strategy, requests may override it: {', '.join(sorted(registry()))}"
         shown = "none" if field.default is None else field.default
         text = f"{text} (default: {shown})".replace("%", "%%")
         if kind in (bool, bool | None):

@@ -32,8 +32,8 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=16, description="most tokens fed to one forward pass")
     strategy: str = Field(
         "ar",
-        description="default decoding strategy; requests may override it. One of: ar, draft, ngram, mtp, "
-        "medusa, multiverse (and any installed through the branchwise.strategies entry point)",
+        description="default decoding strategy; requests may override it (ar, draft, ngram, mtp, medusa, "
+        "multiverse, and any installed through the branchwise.strategies entry point group)",
     )
     draft_model: str | None = Field(
         None,

@@ -144,7 +144,7 @@ def test_a_merge_with_no_room_left_waits_swapped_out_and_gives_the_same_tokens(d
     refused = []
 
     def no_room_to_merge(seq, num_tokens):
-        if sys._getframe(1).f_code.co_name == "_merge":
+        if sys._getframe(1).f_code.co_name == "adopt_kv":
             refused.append(seq.request_id)
             return False
         return can_allocate(seq, num_tokens)

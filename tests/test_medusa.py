@@ -78,7 +78,7 @@ def test_bad_choice_lists_are_refused(choices, message):
 @pytest.mark.parametrize("which", ["spec_target", "random_heads_target"])
 def test_medusa_greedy_equals_autoregressive(which, request, prompts):
     llm = LLM(request.getfixturevalue(which), max_num_batched_tokens=256)
-    assert llm.engine.medusa is not None
+    assert "medusa" in llm.engine.resources
     ar = [o.token_ids for o in outputs(llm, prompts, GREEDY, "ar")]
     adaptive = outputs(llm, prompts, GREEDY, "medusa")
     assert [o.token_ids for o in adaptive] == ar
@@ -220,4 +220,4 @@ def test_training_writes_heads_in_the_authors_layout(tmp_path, spec_target):
     assert json.loads((folder / "config.json").read_text())["medusa_num_heads"] == 2
     assert info["steps"] > 0 and len(info["held_out_top1_agreement"]) == 2
     llm = LLM(str(model_dir))
-    assert llm.engine.medusa is not None and llm.engine.medusa.num_heads == 2
+    assert llm.engine.resources["medusa"].weights.num_heads == 2

@@ -38,7 +38,7 @@ def random_mtp_target(tmp_path_factory, spec_target) -> str:
 @pytest.mark.parametrize("which", ["spec_target", "random_mtp_target"])
 def test_mtp_greedy_equals_autoregressive_for_k_1_to_3(which, request, prompts):
     llm = LLM(request.getfixturevalue(which), max_num_batched_tokens=256)
-    assert llm.engine.mtp is not None
+    assert "mtp" in llm.engine.resources
     ar = [o.token_ids for o in outputs(llm, prompts, GREEDY, "ar")]
     for k in (1, 2, 3):
         spec = outputs(llm, prompts, GREEDY, "mtp", num_speculative_tokens=k)
@@ -171,7 +171,9 @@ def test_mtp_layer_inside_a_checkpoint_loads_in_deepseek_and_mimo_layouts(
     # no prefix cache: a prompt cached by the 'ar' run would leave the module's K/V of it unwritten
     want = LLM(spec_target, max_num_batched_tokens=256, prefix_cache=False)
     got = LLM(str(dst), max_num_batched_tokens=256, prefix_cache=False)
-    for a, b in zip(want.engine.mtp.state_dict().values(), got.engine.mtp.state_dict().values(), strict=True):
+    for a, b in zip(
+        *(x.engine.resources["mtp"].weights.state_dict().values() for x in (want, got)), strict=True
+    ):
         assert torch.equal(a, b)
     ar = [o.token_ids for o in outputs(got, prompts[:6], GREEDY, "ar")]
     spec = outputs(got, prompts[:6], GREEDY, "mtp", num_speculative_tokens=2)
@@ -216,4 +218,4 @@ def test_training_writes_a_module_the_engine_loads(tmp_path, spec_target):
     info = train_mtp(str(model_dir), minutes=0.2, device="cpu", num_prompts=16, max_tokens=24)
     assert info["steps"] > 0 and (model_dir / OWN_FILE).exists()
     assert json.loads((model_dir / "mtp.json").read_text())["steps"] == info["steps"]
-    assert LLM(str(model_dir)).engine.mtp is not None
+    assert "mtp" in LLM(str(model_dir)).engine.resources

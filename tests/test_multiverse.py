@@ -126,7 +126,7 @@ def test_aborting_a_request_while_its_paths_run_frees_every_path(llm):
     engine = llm.engine
     message, _, _, _ = tasks(1, seed=13)[0]
     engine.add_request("mv-abort", chat(llm, message), GREEDY, "multiverse")
-    while not any(s.branch_of is not None for s in engine.scheduler.running):
+    while not any(s.hidden for s in engine.scheduler.running):
         assert engine.has_unfinished()
         engine.step()
     engine.abort_request("mv-abort")

@@ -8,7 +8,9 @@ from prometheus_client import generate_latest
 from scipy.stats import chi2_contingency
 
 from branchwise import LLM, SamplingParams
+from branchwise.engine.stats import CostModel, StepStats
 from branchwise.strategies import ngram, speculative
+from branchwise.strategies.speculative import Acceptance
 from branchwise.train.tiny import build_tiny_checkpoint
 from branchwise.train.tokenizer import stdlib_files, train_tokenizer
 
@@ -158,7 +160,7 @@ def test_rollback_leaves_both_caches_as_if_rejected_drafts_never_ran(tiny_llama,
         for seq in engine.scheduler.running:
             assert len(seq.block_table) == -(-seq.num_computed // bs)
             held += len(seq.block_table)
-            computed = seq.strategy_state["computed"]
+            computed = seq.strategy_state.computed
             assert computed <= seq.num_computed
             slots = engine.blocks.slots(seq, 0, computed)
             assert np.allclose(draft_pool[:, :, slots], target_pool[:, :, slots], atol=1e-5)
@@ -184,22 +186,18 @@ def test_adaptive_k_drafts_at_low_load_and_stops_when_the_forward_is_compute_bou
     seq = type("S", (), {})  # a stand-in with what lookahead reads
     seq.strategy_state, seq.strategy_params, seq.num_output_tokens, seq.num_tokens = None, {}, 0, 10
     seq.params = SamplingParams(max_tokens=100)
-    saved = engine.step_cost, engine.goodput
-    try:
-        engine.step_cost = speculative.CostModel()
-        for tokens in (1, 8, 64, 256):  # a fixed cost dominates: extra tokens are free
-            engine.step_cost.observe(tokens, 0.010 + 1e-7 * tokens)
-        engine.goodput = 100.0
-        strategy.state(seq)["accepted"] = 20.0
-        assert strategy.lookahead(seq) == engine.config.num_speculative_tokens
-        engine.step_cost = speculative.CostModel()
-        for tokens in (64, 128, 256, 512):  # every token costs: a step of 64 sequences yields 1000 tok/s
-            engine.step_cost.observe(tokens, 0.001 * tokens)
-        engine.goodput = 1000.0
-        seq.strategy_state = {"accepted": 8.0, "rejected": 2.0}
-        assert strategy.lookahead(seq) == 0
-    finally:
-        engine.step_cost, engine.goodput = saved
+    cost = CostModel()
+    for tokens in (1, 8, 64, 256):  # a fixed cost dominates: extra tokens are free
+        cost.observe(tokens, 0.010 + 1e-7 * tokens)
+    strategy.begin_step(StepStats(step=2, goodput=100.0, per_token=cost.fit()[1]))
+    seq.strategy_state = Acceptance(accepted=20.0, step=2)
+    assert strategy.lookahead(seq) == engine.config.num_speculative_tokens
+    cost = CostModel()
+    for tokens in (64, 128, 256, 512):  # every token costs: a step of 64 sequences yields 1000 tok/s
+        cost.observe(tokens, 0.001 * tokens)
+    strategy.begin_step(StepStats(step=3, goodput=1000.0, per_token=cost.fit()[1]))
+    seq.strategy_state = Acceptance(accepted=8.0, rejected=2.0, step=3)
+    assert strategy.lookahead(seq) == 0
 
 
 def test_draft_strategy_needs_a_draft_model_of_the_same_vocabulary(tmp_path, tiny_llama, prompts):
@@ -249,7 +247,7 @@ def test_demo_draft_model_is_lossless_and_accepted(prompts):
     from branchwise.models.demo import ASSET_DIR
 
     llm = LLM()  # the demo model with its own draft model
-    assert llm.engine.draft_path == str(ASSET_DIR / "draft")
+    assert llm.engine.resources["draft"].path == str(ASSET_DIR / "draft")
     chats = [
         llm.chat_prompt([{"role": "user", "content": m}])
         for m in ("What is (3+4)*(9-2)?", "Compute (15-6)+(8*3).")

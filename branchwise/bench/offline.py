@@ -130,6 +130,7 @@ def bench_offline(
         print("matplotlib is not installed: no plot this run (pip install 'branchwise[bench]')")
     llm = LLM(model, draft_model=draft_model, device=device, max_num_seqs=max(max(batch_sizes), 8))
     engine = llm.engine
+    draft_path = engine.resources["draft"].path if "draft" in engine.resources else None
     path = Path(out) if out else Path.cwd() / "bench-results" / time.strftime("%Y%m%d-%H%M%S")
     path = path if path.suffix == ".json" else path / f"bench_offline-{dataset}-{engine.device.type}.json"
     records = load_records(dataset)
@@ -158,7 +159,12 @@ def bench_offline(
     hf = None
     if baselines:
         k = engine.config.num_speculative_tokens
-        hf = Baselines(engine.model_path, engine.draft_path, k, engine.device)
+        hf = Baselines(
+            engine.model_path,
+            engine.resources["draft"].path if "draft" in engine.resources else None,
+            k,
+            engine.device,
+        )
     passes, hf_passes = {}, {}
     for cell in tqdm(cells, desc="warm-up"):  # also the adaptive controllers' first estimates
         passes[cell] = max(1, math.ceil(min_tokens / max(work(cell, 1)["output_tokens"], 1)))
@@ -199,7 +205,7 @@ def bench_offline(
         del r["outputs"]
     result = {
         "model": engine.model_path,
-        "draft_model": engine.draft_path,
+        "draft_model": draft_path,
         "dataset": dataset,
         "max_tokens": max_tokens,
         "repeats": repeats,

@@ -9,27 +9,28 @@ import queue
 import random
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from branchwise.config import EngineConfig
 from branchwise.constraints import Constraint, Grammars
 from branchwise.engine import detokenizer
+from branchwise.engine.context import StrategyContext
 from branchwise.engine.kv_cache import BlockManager, new_pool, pool_block_bytes
 from branchwise.engine.metrics import EngineMetrics
-from branchwise.engine.model_runner import ForwardOutput, ModelRunner
+from branchwise.engine.model_runner import ModelRunner
+from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.prefix_cache import PrefixCache
 from branchwise.engine.sampler import logprobs_of
-from branchwise.engine.scheduler import Scheduler
+from branchwise.engine.scheduler import Scheduler, family_of
 from branchwise.engine.sequence import InvalidRequest, SamplingParams, Sequence, SeqUpdate, Status
+from branchwise.engine.stats import CostModel, StepStats
 from branchwise.models import demo
 from branchwise.models.loader import kv_shape, load_model, load_tokenizer, resolve_device, resolve_dtype
-from branchwise.models.medusa import find_heads, load_heads
-from branchwise.models.mtp import find_mtp, load_mtp
-from branchwise.strategies import Plan, Strategy, Verdict, strategy_class
-from branchwise.strategies.speculative import CostModel
+from branchwise.strategies import Resources, Strategy, registry, strategy_class
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +51,18 @@ class LLMEngine:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
 
-        # the draft model's weights load here so that its K/V pool counts in the memory budget; the
-        # 'draft' strategy owns the pool and the draft forwards
-        draft_path = demo.resolve_draft(self.model_path, config.draft_model)
-        self.draft_path = draft_path
-        self.draft_model = load_model(draft_path, self.dtype, self.device) if draft_path else None
-        # likewise an MTP module (the checkpoint's own layer or our trainer's file): one more layer of K/V
-        found = find_mtp(self.model_path, config.mtp_model)
-        self.mtp = load_mtp(self.model, *found) if found else None
-        heads = find_heads(self.model_path, config.medusa_heads)
-        self.medusa = load_heads(heads, self.model) if heads else None
+        # what strategies need besides the target (a draft model, an MTP module, heads) loads here, so that
+        # their K/V pools count in the memory budget; which strategy asked is theirs to know
+        self.resources: dict[str, Resources] = {}
+        for name, cls in registry().items():
+            found = cls.resources(config, self.model_path, self.model, self.dtype, self.device)
+            if found is not None:
+                self.resources[name] = found
         bs = config.block_size
-        block_bytes = 0
-        for model in filter(None, (self.model, self.draft_model)):
-            layers, kv_heads, head_dim = kv_shape(model)
-            block_bytes += pool_block_bytes(layers, bs, kv_heads, head_dim, self.dtype)
         layers, kv_heads, head_dim = kv_shape(self.model)
-        if self.mtp is not None:
-            block_bytes += pool_block_bytes(1, bs, kv_heads, head_dim, self.dtype)
+        block_bytes = pool_block_bytes(layers, bs, kv_heads, head_dim, self.dtype)
+        shapes = [r.kv_shape for r in self.resources.values() if r.kv_shape is not None]
+        block_bytes += sum(pool_block_bytes(*shape, bs, self.dtype) for shape in shapes)
         self.num_blocks = config.num_blocks or self._auto_num_blocks(block_bytes)
         self.blocks = BlockManager(self.num_blocks, bs)
         pool = new_pool(layers, self.num_blocks, bs, kv_heads, head_dim, self.dtype, self.device)
@@ -98,15 +93,11 @@ class LLMEngine:
         self._strategy_lock = threading.Lock()
         self._grammars: Grammars | None = None
         self.step_cost = CostModel()  # target forward + verification time vs tokens fed
-        self.goodput = 0.0  # tokens committed per second of step, smoothed
-        self.last_rate = 0.0  # the same, of the last step alone
-        self.last_step_prefilled = False  # the last step carried prefill chunks
-        self.last_step_tokens, self.last_step_seconds = 0, 0.0
+        self.stats = StepStats()  # what every strategy is told before a step
+        self.context = StrategyContext(self)
         self.strategy(config.strategy)  # fail at start-up, not at the first request
-        if self.draft_model is not None:
-            self.strategy("draft")  # its K/V pool and CUDA graphs, before any request
-        if self.mtp is not None:
-            self.strategy("mtp")
+        for name in self.resources:  # their K/V pools and CUDA graphs, before any request
+            self.strategy(name)
         self._requests: dict[str, list[Sequence]] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox_lock = threading.Lock()
@@ -148,7 +139,7 @@ class LLMEngine:
         cls = strategy_class(name)
         with self._strategy_lock:
             if cls.name not in self._strategies:
-                self._strategies[cls.name] = cls(self)
+                self._strategies[cls.name] = cls(self.context, self.resources.get(cls.name))
             self._strategies[name] = self._strategies[cls.name]
             return self._strategies[name]
 
@@ -279,6 +270,12 @@ class LLMEngine:
         """One scheduling decision, one target forward, verification and commit; returns what changed."""
         self._updates = {}
         self._drain_inbox()
+        stats = self.stats
+        stats.step = self.num_steps + 1
+        stats.per_token = self.step_cost.fit()[1]
+        stats.running = Counter(seq.strategy for seq in self.scheduler.running)
+        for strategy in set(self._strategies.values()):
+            strategy.begin_step(stats)
         broken: list[tuple[Sequence, Exception]] = []
 
         def lookahead(seq: Sequence) -> int:
@@ -309,15 +306,7 @@ class LLMEngine:
             if seq.num_pending == 1:
                 decode[seq.strategy].append((seq, n))
             else:
-                last = seq.num_computed + n == seq.num_tokens
-                tokens = seq.token_ids[seq.num_computed : seq.num_computed + n]
-                if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0:
-                    # a row scores the next prompt token (those not scored yet); the prompt's last samples
-                    first = max(seq.num_computed, len(seq.prompt_logprobs))
-                    rows = max(0, seq.num_computed + n - int(last) - first)
-                    plans.append(Plan(seq, tokens, rows + int(last), prompt_rows=rows))
-                else:
-                    plans.append(Plan(seq, tokens, int(last)))
+                plans.append(self._prefill_plan(seq, n))
         for name, items in decode.items():
             seqs, budgets = [s for s, _ in items], [n for _, n in items]
             strategy = self.strategy(name)
@@ -337,25 +326,25 @@ class LLMEngine:
         except Exception as e:
             self._fail([p.seq for p in plans], e)
             return
-        self._attach_prompt_logprobs([p for p in plans if p.prompt_rows], out)
-        plans += self._fork_siblings(plans)
-        by_strategy: dict[str, list[Plan]] = defaultdict(list)
-        for p in plans:
-            by_strategy[p.seq.strategy].append(p)
-        for name, group in by_strategy.items():
-            strategy = self.strategy(name)
+        self._attach_prompt_logprobs(plans, out)
+        plans, out = self._fork_siblings(plans, out)
+        by_strategy: dict[str, list[int]] = defaultdict(list)
+        for i, p in enumerate(plans):
+            by_strategy[p.seq.strategy].append(i)
+        for name, idx in by_strategy.items():
+            strategy, group, view = self.strategy(name), [plans[i] for i in idx], out.of(idx)
 
-            def on_forward(idx: list[int], group=group, strategy=strategy) -> list[None]:
-                strategy.on_forward([group[i] for i in idx], out)
-                return [None] * len(idx)
+            def on_forward(sub: list[int], group=group, view=view, strategy=strategy) -> list[None]:
+                strategy.on_forward([group[j] for j in sub], view.of(sub))
+                return [None] * len(sub)
 
             self._isolated([p.seq for p in group], on_forward)
-        groups: dict[str, list[Plan]] = defaultdict(list)
-        for p in plans:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, p in enumerate(plans):
             if p.seq.finished:
                 continue
             if p.num_logits > p.prompt_rows:
-                groups[p.seq.strategy].append(p)
+                groups[p.seq.strategy].append(i)
                 continue
             try:  # a prefill chunk short of the prompt's end (or K/V-only tokens)
                 p.seq.num_computed += len(p.tokens)
@@ -364,12 +353,13 @@ class LLMEngine:
             except Exception as e:
                 self._fail([p.seq], e)
         logprob_rows: list[tuple[Sequence, int, int]] = []
-        for name, group in groups.items():
-            strategy = self.strategy(name)
-            verdicts = self._isolated(
-                [p.seq for p in group], lambda idx, g=group, s=strategy: s.verify([g[i] for i in idx], out)
-            )
-            for p, v in zip(group, verdicts, strict=True):
+        for name, idx in groups.items():
+            strategy, group, view = self.strategy(name), [plans[i] for i in idx], out.of(idx)
+
+            def verify(sub: list[int], group=group, view=view, strategy=strategy) -> list[Verdict]:
+                return strategy.verify([group[j] for j in sub], view.of(sub))
+
+            for p, v in zip(group, self._isolated([p.seq for p in group], verify), strict=True):
                 if v is None:
                     continue
                 try:
@@ -379,13 +369,24 @@ class LLMEngine:
         # verification read the logits on the host, so these times include the device's work
         ended = time.perf_counter()
         self.step_cost.observe(num_fed, ended - forward_started)
-        rate = sum(len(u.token_ids) for u in self._updates.values()) / max(ended - started, 1e-6)
-        self.goodput = rate if not self.goodput else 0.9 * self.goodput + 0.1 * rate
-        self.last_rate = rate
-        self.last_step_tokens = sum(len(u.token_ids) for u in self._updates.values())
-        self.last_step_seconds = ended - started
-        self.last_step_prefilled = any(p.num_logits == 0 or len(p.tokens) > 1 + len(p.drafts) for p in plans)
+        tokens = sum(len(u.token_ids) for u in self._updates.values())
+        rate = tokens / max(ended - started, 1e-6)
+        stats = self.stats
+        stats.goodput = rate if not stats.goodput else 0.9 * stats.goodput + 0.1 * rate
+        stats.last_tokens, stats.last_seconds = tokens, ended - started
+        stats.last_prefilled = any(p.num_logits == 0 or len(p.tokens) > 1 + len(p.drafts) for p in plans)
         self._attach_logprobs(out, logprob_rows)
+
+    def _prefill_plan(self, seq: Sequence, n: int) -> Plan:
+        """The next n of a sequence's pending tokens: logits only where the prompt ends (or to score it)."""
+        last = seq.num_computed + n == seq.num_tokens
+        tokens = seq.token_ids[seq.num_computed : seq.num_computed + n]
+        if seq.params.prompt_logprobs is None or seq.num_output_tokens:
+            return Plan(seq, tokens, int(last))
+        # a row scores the next prompt token (those not scored yet); the prompt's last row samples
+        first = max(seq.num_computed, len(seq.prompt_logprobs))
+        rows = max(0, seq.num_computed + n - int(last) - first)
+        return Plan(seq, tokens, rows + int(last), prompt_rows=rows)
 
     def _isolated(self, seqs: list[Sequence], call: Callable[[list[int]], list]) -> list:
         """`call(indices)` gives one result per index; run over the whole group, as usual. If it raises,
@@ -415,27 +416,22 @@ class LLMEngine:
                 results.append(None)
         return results
 
-    def _fork_siblings(self, plans: list[Plan]) -> list[Plan]:
-        """n > 1: when a prompt's prefill completes, its siblings share its blocks and sample on their own."""
-        born = []
-        for p in plans:
+    def _fork_siblings(self, plans: list[Plan], out: ForwardOutput) -> tuple[list[Plan], ForwardOutput]:
+        """n > 1: when a prompt's prefill completes, its siblings share its blocks and sample on their own
+        from the same logits rows."""
+        born, rows, token_rows = [], list(out.logits_rows), list(out.token_rows)
+        for i, p in enumerate(plans):
             if p.seq.forks and p.num_logits and p.start + len(p.tokens) == p.seq.num_tokens:
                 for child in p.seq.forks:
                     self.blocks.fork(p.seq, child)
-                    child.status = Status.RUNNING
-                    self.scheduler.running.append(child)
-                    born.append(
-                        Plan(
-                            child,
-                            p.tokens,
-                            p.num_logits,
-                            prompt_rows=p.prompt_rows,
-                            logits_row=p.logits_row,
-                            token_row=p.token_row,
-                        )
-                    )
+                    self.scheduler.start(child)
+                    born.append(Plan(child, p.tokens, p.num_logits, prompt_rows=p.prompt_rows))
+                    rows.append(out.logits_rows[i])
+                    token_rows.append(out.token_rows[i])
                 p.seq.forks = []
-        return born
+        if not born:
+            return plans, out
+        return plans + born, replace(out, logits_rows=rows, token_rows=token_rows)
 
     def _commit(self, plan: Plan, verdict: Verdict, logprob_rows: list) -> None:
         """Keep the accepted K/V (compacting a tree path), append the new tokens, check stops."""
@@ -454,7 +450,7 @@ class LLMEngine:
         if drafted > 0:
             self._count_speculation(seq, drafted, len(verdict.tokens) - 1)
         now = time.monotonic()
-        if seq.branch_of is not None:  # hidden path: no latency metrics, no logprobs of its own
+        if seq.hidden:  # no latency metrics, no logprobs of its own
             pass
         elif seq.first_token_time is None:
             seq.first_token_time = now
@@ -464,14 +460,9 @@ class LLMEngine:
         else:
             self._itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
-        root = seq
-        while root.branch_of is not None:
-            root = root.branch_of
-        if root.last_step != self.num_steps:  # the paths of one request decoding in a step count once
-            root.last_step, root.num_steps = self.num_steps, root.num_steps + 1
         for token, row in zip(verdict.tokens, verdict.logit_rows, strict=True):
             self._append(seq, token)
-            if seq.params.logprobs is not None and seq.branch_of is None:
+            if seq.params.logprobs is not None and not seq.hidden:
                 logprob_rows.append((seq, token, row))
             if seq.finished or (seq.matcher is not None and not self._consume(seq, token)):
                 break
@@ -479,9 +470,9 @@ class LLMEngine:
             self.blocks.truncate(seq, seq.num_computed)
             self._cache(seq)
             self.strategy(seq.strategy).on_commit(seq)
-        # the strategy sees its sampled tokens first (a Multiverse fork at `</Goal>` pauses the sequence);
-        # inside a Multiverse path, where the path ends is the strategy's to see
-        if seq.matcher is not None and seq.status is Status.RUNNING and seq.branch_of is None:
+        # the strategy sees its sampled tokens first (it may pause the sequence); in a hidden sequence,
+        # what comes next is the strategy's to decide
+        if seq.matcher is not None and seq.status is Status.RUNNING and not seq.hidden:
             self._jump_forward(seq)
 
     def _cache(self, seq: Sequence) -> None:
@@ -546,7 +537,7 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         self._generation_tokens.inc()
-        if seq.branch_of is not None:  # a hidden path: its text reaches the client when it merges
+        if seq.hidden:  # its text reaches the client through its parent, if at all
             if token in self.stop_token_ids(seq) or seq.num_tokens >= self.max_model_len:
                 self._finish(seq, "stop" if seq.num_tokens < self.max_model_len else "length")
             return
@@ -575,9 +566,11 @@ class LLMEngine:
 
     def _attach_prompt_logprobs(self, plans: list[Plan], out: ForwardOutput) -> None:
         """prompt_logprobs: each prompt row's score of the prompt token after it."""
-        for p in plans:
+        for p, row in zip(plans, out.logits_rows, strict=True):
+            if not p.prompt_rows:
+                continue
             seq = p.seq
-            rows = torch.arange(p.logits_row, p.logits_row + p.prompt_rows, device=out.logits.device)
+            rows = torch.arange(row, row + p.prompt_rows, device=out.logits.device)
             first = p.start + len(p.tokens) - p.num_logits + 1  # the token the first row scores
             targets = seq.token_ids[first : first + p.prompt_rows]
             try:
@@ -625,20 +618,15 @@ class LLMEngine:
         return u
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        if seq.branch_of is not None:  # a path cannot end its request alone: its root ends with it
-            root = seq.branch_of
-            while root.branch_of is not None:
-                root = root.branch_of
-            self._finish(root, reason, error)
+        if seq.hidden:  # a hidden sequence cannot end its request alone: the request ends with it
+            self._finish(seq.top, reason, error)
             return
         try:
             self.strategy(seq.strategy).on_finish(seq)
         except Exception:  # the sequence ends all the same, its blocks come back below
             log.exception("strategy %r failed to release sequence %d", seq.strategy, seq.seq_id)
-        if seq.strategy == "multiverse" and seq.num_steps:
-            self.metrics.multiverse_parallelism.labels(self.model_name).observe(
-                seq.num_output_tokens / seq.num_steps
-            )
+        for hidden in family_of(seq)[1:]:  # what it spawned ends with it
+            self._release(hidden)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
@@ -657,6 +645,35 @@ class LLMEngine:
             self._requests.pop(seq.request_id, None)
             self.metrics.e2e.labels(self.model_name).observe(time.monotonic() - seq.arrival_time)
             self.metrics.request_success.labels(self.model_name, reason).inc()
+
+    def _release(self, seq: Sequence) -> None:
+        """A hidden sequence ends quietly: out of the queues, its blocks back."""
+        self.scheduler.remove(seq)
+        self.blocks.free(seq)
+        seq.status = Status.FINISHED
+        if seq in seq.parent.children:
+            seq.parent.children.remove(seq)
+
+    def adopt_kv(self, seq: Sequence, sources: list[tuple[Sequence, int, int]], at: int) -> None:
+        """`seq` (computed up to `at`) takes the sources' K/V as its slots from `at` on and runs again; the
+        sources end first, so that their blocks can be taken (see `StrategyContext.adopt_kv`)."""
+        kv = self.blocks.gather([slot for s, a, b in sources for slot in self.blocks.slots(s, a, b)])
+        released: set[int] = set()
+        for source, _, _ in sources:
+            if source.seq_id not in released:
+                released.add(source.seq_id)
+                self._release(source)
+        end = at + kv[0].shape[2]
+        if self.blocks.can_allocate(seq, end):
+            self.blocks.allocate(seq, end)
+            self.blocks.scatter(self.blocks.slots(seq, at, end), kv)
+            seq.num_computed = end
+            self.scheduler.resume(seq)
+            return
+        image = self.blocks.image(self.blocks.gather(self.blocks.slots(seq, 0, at), "cpu"), kv)
+        seq.num_computed = end
+        self.blocks.free(seq)
+        self.scheduler.wait(seq, image)  # back, holding this K/V, once blocks are free
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> None:
         log.exception("step failed for %d sequence(s)", len(seqs), exc_info=error)

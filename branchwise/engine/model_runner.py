@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from branchwise import kernels
+from branchwise.engine.plan import ForwardOutput, Plan
 from branchwise.kernels import LINEAR_CONFIGS, backend
 from branchwise.kernels.metadata import AttentionMetadata, build_metadata
 from branchwise.models.attention import StepContext
 from branchwise.models.fused import fused_weights
 from branchwise.models.loader import decoder_of
-
-if TYPE_CHECKING:
-    from branchwise.strategies.base import Plan
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +22,6 @@ log = logging.getLogger(__name__)
 GRAPH_BUCKETS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 GRAPH_MAX_QUERY = 16  # a step is decode-shaped when no sequence feeds more tokens than this
 GRAPH_MASK_SLOTS = 64  # custom-mask entries per token the graph buffers hold
-
-
-@dataclass
-class ForwardOutput:
-    logits: torch.Tensor  # (R, V) float32, rows of every plan's last num_logits tokens, plan by plan
-    hidden: torch.Tensor  # (R, H) final-normed hidden states of the same rows
-    hidden_all: torch.Tensor  # (T, H) of every fed token (MTP modules read them)
 
 
 @dataclass
@@ -47,6 +37,7 @@ class Packed:
     tables: np.ndarray  # (B, W) block tables, padded with 0
     masks: list[torch.Tensor | None]
     logit_idx: np.ndarray  # (R,) rows whose logits are wanted
+    logits_start: np.ndarray  # (B,) each plan's first row among them
 
     @property
     def max_query_len(self) -> int:
@@ -54,7 +45,7 @@ class Packed:
 
 
 def pack(plans: list[Plan], block_size: int) -> Packed:
-    """The plans as host arrays; sets each plan's logits_row and token_row."""
+    """The plans as host arrays (the plans are only read)."""
     lens = np.array([len(p.tokens) for p in plans])
     query_start = np.concatenate([[0], np.cumsum(lens)])
     owner = np.repeat(np.arange(len(plans)), lens)
@@ -75,7 +66,6 @@ def pack(plans: list[Plan], block_size: int) -> Packed:
         tables[b, : len(p.seq.block_table) - p.first_block] = p.seq.block_table[p.first_block :]
         if p.positions is not None:
             positions[query_start[b] : query_start[b + 1]] = p.positions
-        p.logits_row, p.token_row = int(logits_start[b]), int(query_start[b])
     return Packed(
         ids=np.fromiter((t for p in plans for t in p.tokens), dtype=np.int64, count=int(query_start[-1])),
         positions=positions,
@@ -86,6 +76,7 @@ def pack(plans: list[Plan], block_size: int) -> Packed:
         tables=tables,
         masks=[p.mask for p in plans],
         logit_idx=logit_idx,
+        logits_start=logits_start,
     )
 
 
@@ -126,12 +117,6 @@ class ModelRunner:
     def metadata(self, packed: Packed) -> tuple[torch.Tensor, AttentionMetadata]:
         return to_device(packed, self.block_size, self.device)
 
-    def prepare(self, plans: list[Plan]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """(input_ids (T,), metadata, logits_indices (R,)); sets each plan's logits_row."""
-        packed = self.pack(plans)
-        ids, meta = self.metadata(packed)
-        return ids, meta, torch.from_numpy(packed.logit_idx).to(self.device, non_blocking=True)
-
     def run_decoder(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """(T, H) final-normed hidden states of the packed batch (eager)."""
         return self.decoder(
@@ -151,7 +136,8 @@ class ModelRunner:
             hidden = hidden_all
         else:
             hidden = hidden_all[torch.from_numpy(packed.logit_idx).to(self.device, non_blocking=True)]
-        return ForwardOutput(self.logits(hidden), hidden, hidden_all)
+        rows, tokens = packed.logits_start.tolist(), packed.query_start[:-1].tolist()
+        return ForwardOutput(self.logits(hidden), hidden, hidden_all, rows, tokens)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, V) float32 logits of final-normed hidden states (the head GEMM via `kernels.linear`)."""

@@ -35,6 +35,20 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def start(self, seq: Sequence) -> None:
+        """A sequence born with blocks (an n > 1 sibling, a spawned path) runs from the next step."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def pause(self, seq: Sequence) -> None:
+        """Out of the running list, keeping its blocks, until `resume`."""
+        self.remove(seq)
+        seq.status = Status.PAUSED
+
+    def resume(self, seq: Sequence) -> None:
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
@@ -147,12 +161,9 @@ class Scheduler:
 
 
 def family_of(seq: Sequence) -> list[Sequence]:
-    """The top sequence above `seq` (itself, if it is no path) and every path below it, top first."""
-    root = seq
-    while root.branch_of is not None:
-        root = root.branch_of
-    family, stack = [], [root]
+    """The top-level sequence of `seq`'s request and every hidden sequence below it, top first."""
+    family, stack = [], [seq.top]
     while stack:
         family.append(stack.pop())
-        stack += family[-1].branches
+        stack += family[-1].children
     return family

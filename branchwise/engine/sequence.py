@@ -144,8 +144,9 @@ class Sequence:
     strategy_params: dict = field(default_factory=dict)  # the request's, as the strategy parsed them
     strategy_state: Any = None  # owned by the sequence's strategy; reset on preemption
     matcher: Any = None  # llguidance matcher of params.constraint, advanced on committed tokens
-    branch_of: Sequence | None = None  # a Multiverse path: a hidden sequence its parent merges back
-    branches: list[Sequence] = field(default_factory=list)  # this sequence's paths while they run
+    parent: Sequence | None = None  # a hidden sequence a strategy spawned (a Multiverse path) has one
+    root: Sequence | None = None  # the top-level sequence above a hidden one (its request's)
+    children: list[Sequence] = field(default_factory=list)  # hidden sequences spawned from this one
     position_offset: int = 0  # position = KV index + offset (after merged parallel paths)
     max_cacheable: int | None = None  # tokens whose K/V a later request may reuse (None: all)
     swapped: Any = None  # preempted with K/V no causal recompute gives back: see Scheduler._swap_out
@@ -161,8 +162,6 @@ class Sequence:
     num_accepted: int = 0
     num_draft_steps: int = 0
     num_forced: int = 0  # tokens appended by grammar jump-forward, not sampled
-    num_steps: int = 0  # engine steps that gave this sequence (or one of its paths) tokens
-    last_step: int = -1
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache
     num_cached_blocks: int = 0  # leading blocks already offered to the prefix cache
     arrival_time: float = field(default_factory=time.monotonic)
@@ -189,6 +188,16 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def hidden(self) -> bool:
+        """A spawned sequence: it streams nothing of its own and ends with its request."""
+        return self.parent is not None
+
+    @property
+    def top(self) -> Sequence:
+        """The top-level sequence of this one's request (itself, unless hidden)."""
+        return self.root or self
 
 
 @dataclass

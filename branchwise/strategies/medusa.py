@@ -29,13 +29,15 @@ import numpy as np
 import torch
 
 from branchwise.engine import sampler
+from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.sequence import Sequence
-from branchwise.strategies.base import Plan, Strategy, Verdict, grammar_masks
-from branchwise.strategies.speculative import SpeculativeStrategy
+from branchwise.engine.stats import StepStats
+from branchwise.models.medusa import find_heads, load_heads
+from branchwise.strategies.base import Resources, Strategy, grammar_masks, verify_chains
+from branchwise.strategies.speculative import AdaptiveK
 
 if TYPE_CHECKING:
-    from branchwise.engine.engine import LLMEngine
-    from branchwise.engine.model_runner import ForwardOutput
+    from branchwise.engine.context import StrategyContext
 
 MAX_NODES = 64  # the largest tree (nodes besides the root)
 TOP_K = 8  # candidates a head offers per position
@@ -92,17 +94,28 @@ def check_choices(choices, num_heads: int) -> tuple[tuple[int, ...], ...]:
     return tuple(sorted(nodes, key=lambda c: (len(c), c)))
 
 
-class MedusaStrategy(SpeculativeStrategy):
+@dataclass
+class MedusaState:
+    hidden: torch.Tensor | None = None  # the hidden state that scored the pending token: the heads' input
+
+
+class MedusaStrategy(Strategy):
     name = "medusa"
 
-    def __init__(self, engine: LLMEngine) -> None:
-        super().__init__(engine)
-        if engine.medusa is None:
+    @classmethod
+    def resources(cls, config, model_path, model, dtype, device) -> Resources | None:
+        found = find_heads(model_path, config.medusa_heads)
+        return None if found is None else Resources(load_heads(found, model), None, found)
+
+    def __init__(self, ctx: StrategyContext, resources: Resources | None = None) -> None:
+        super().__init__(ctx)
+        if resources is None:
             raise ValueError(
                 "strategy 'medusa' needs Medusa heads: --medusa-heads FOLDER (the authors' layout) or a "
                 "medusa/ folder beside the model (`branchwise train medusa`)"
             )
-        self.heads = engine.medusa
+        self.k = AdaptiveK(self.name, ctx.config.num_speculative_tokens)  # its plain steps and penalty
+        self.heads = resources.weights
         self.num_heads = self.heads.num_heads
         # (depth, rank) -> [accepted, reached]: reached = the node's parent was accepted
         self.evidence = {
@@ -153,31 +166,34 @@ class MedusaStrategy(SpeculativeStrategy):
                 heapq.heappush(heap, (neg * self._rate(d + 1, 0), c + (0,)))
         return out
 
+    def state(self, seq: Sequence) -> MedusaState:
+        if seq.strategy_state is None:
+            seq.strategy_state = MedusaState()
+        return seq.strategy_state
+
+    def begin_step(self, stats: StepStats) -> None:
+        self.k.begin_step(stats)
+        self.nodes_step = -1  # this step's tree is built at its first lookahead
+
     def lookahead(self, seq: Sequence) -> int:
-        st = self.state(seq)
-        if st.get("hidden") is None:
+        if seq.strategy_state is None or seq.strategy_state.hidden is None:
             return 0
-        room = min(MAX_NODES, self.engine.max_model_len - seq.num_tokens - 1)
+        room = min(MAX_NODES, self.ctx.max_model_len - seq.num_tokens - 1)
         fixed = seq.strategy_params.get("choices")
         if fixed is not None:
             return max(0, min(len(fixed), room))
-        if self.engine.num_steps != self.step:
-            self._new_step()
-        if self.plain or room <= 0:
+        if self.k.plain or room <= 0:
             return 0
-        if self.nodes_step != self.step:
-            _, per_token = self.engine.step_cost.fit()
-            self.nodes = self._best_nodes(per_token * self.engine.goodput * self.penalty)
-            self.nodes_step = self.step
-        n = min(len(self.nodes), room)
-        self.drafting |= n > 0
-        return n
+        if self.nodes_step != self.k.stats.step:  # once per step: a cache of this step's tree
+            self.nodes = self._best_nodes(self.k.threshold())
+            self.nodes_step = self.k.stats.step
+        return min(len(self.nodes), room)
 
     def _choices(self, seq: Sequence, budget: int) -> tuple[tuple[int, ...], ...]:
         """This step's tree for `seq`, cut to its budget and to the tokens it may still emit."""
         fixed = seq.strategy_params.get("choices")
         nodes = list(fixed) if fixed is not None else self.nodes
-        left = (seq.params.max_tokens or self.engine.max_model_len) - seq.num_output_tokens
+        left = (seq.params.max_tokens or self.ctx.max_model_len) - seq.num_output_tokens
         nodes = [c for c in nodes[:budget] if len(c) < left]
         return tuple(sorted(nodes))
 
@@ -186,13 +202,13 @@ class MedusaStrategy(SpeculativeStrategy):
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
         states = [self.state(s) for s in seqs]
         trees = [
-            self._choices(s, b - 1) if b > 1 and st.get("hidden") is not None else ()
+            self._choices(s, b - 1) if b > 1 and st.hidden is not None else ()
             for s, b, st in zip(seqs, budgets, states, strict=True)
         ]
         drafting = [i for i, t in enumerate(trees) if t]
         top: list = []
         if drafting:
-            hidden = torch.stack([states[i]["hidden"] for i in drafting])
+            hidden = torch.stack([states[i].hidden for i in drafting])
             top = self.heads(hidden).topk(TOP_K, dim=-1).indices.tolist()  # (heads, B, TOP_K)
         row = {i: j for j, i in enumerate(drafting)}
         plans = []
@@ -221,6 +237,7 @@ class MedusaStrategy(SpeculativeStrategy):
                     payload=tree,
                 )
             )
+        self.k.drafting |= any(p.drafts for p in plans)
         return plans
 
     # -- verify -----------------------------------------------------------------------------------
@@ -228,7 +245,9 @@ class MedusaStrategy(SpeculativeStrategy):
         verdicts: list[Verdict | None] = [None] * len(plans)
         plain = [i for i, p in enumerate(plans) if p.payload is None]
         if plain:  # prefill ends, steps without a tree
-            for i, v in zip(plain, Strategy.verify(self, [plans[i] for i in plain], out), strict=True):
+            for i, v in zip(
+                plain, verify_chains(self.ctx, [plans[i] for i in plain], out.of(plain)), strict=True
+            ):
                 verdicts[i] = v
         trees = [i for i, p in enumerate(plans) if p.payload is not None]
         fast = [i for i in trees if _plain_greedy(plans[i].seq)]
@@ -246,7 +265,7 @@ class MedusaStrategy(SpeculativeStrategy):
         when it is the argmax of its parent's row."""
         if not idx:
             return []
-        rows = _tree_rows(plans, idx)
+        rows = _tree_rows(plans, idx, out)
         best = out.logits[torch.from_numpy(rows).to(out.logits.device)].argmax(-1).tolist()
         verdicts, at = [], 0
         for i in idx:
@@ -255,7 +274,7 @@ class MedusaStrategy(SpeculativeStrategy):
             at += len(p.tokens)
             ok = [k > 0 and p.tokens[k] == choice[tree.parent[k]] for k in range(len(p.tokens))]
             chain = _longest_path(tree.paths, ok)
-            verdicts.append(_verdict(p, chain, choice[chain[-1] if chain else 0]))
+            verdicts.append(_verdict(p, out.logits_rows[i], chain, choice[chain[-1] if chain else 0]))
         return verdicts
 
     def _verify_paths(self, plans: list[Plan], idx: list[int], out: ForwardOutput) -> list[Verdict]:
@@ -283,7 +302,7 @@ class MedusaStrategy(SpeculativeStrategy):
         verdicts = []
         for i in idx:
             a, path, t = max(results[i], key=lambda r: r[0])  # the first of the longest
-            verdicts.append(_verdict(plans[i], path[:a], t))
+            verdicts.append(_verdict(plans[i], out.logits_rows[i], path[:a], t))
         return verdicts
 
     def _run_chains(
@@ -293,7 +312,7 @@ class MedusaStrategy(SpeculativeStrategy):
         rows, first = [], []
         for i, path in group:
             first.append(len(rows))
-            rows += [plans[i].logits_row + r for r in (0, *path)]
+            rows += [out.logits_rows[i] + r for r in (0, *path)]
         logits = out.logits[torch.tensor(rows, device=out.logits.device)]
         seqs = [plans[i].seq for i, _ in group]
         drafts = [[plans[i].tokens[r] for r in path] for i, path in group]
@@ -301,13 +320,13 @@ class MedusaStrategy(SpeculativeStrategy):
         if any(s.matcher is not None for s in seqs):
             # a matcher copy per chain: the chains of one sequence advance through different tokens
             matchers = [s.matcher.deep_copy() if s.matcher is not None else None for s in seqs]
-            allowed = grammar_masks(self.engine, matchers, drafts, logits.shape[-1], logits.device)
+            allowed = grammar_masks(self.ctx, matchers, drafts, logits.shape[-1], logits.device)
         return sampler.verify_chains(
             logits,
             seqs,
             first,
             drafts,
-            [self.engine.stop_token_ids(s) for s in seqs],
+            [self.ctx.stop_token_ids(s) for s in seqs],
             None,
             allowed,
             [len(d) for d in drafts] if typical else None,
@@ -318,7 +337,7 @@ class MedusaStrategy(SpeculativeStrategy):
         min(threshold, alpha * exp(-entropy of the parent's distribution))."""
         if not idx:
             return {}
-        rows = _tree_rows(plans, idx)
+        rows = _tree_rows(plans, idx, out)
         temps = torch.tensor(
             [max(plans[i].seq.params.temperature, 1e-5) for i in idx for _ in plans[i].tokens],
             device=out.logits.device,
@@ -360,7 +379,7 @@ class MedusaStrategy(SpeculativeStrategy):
             return
         hidden = out.hidden[torch.tensor(rows, device=out.hidden.device)].clone()
         for p, h in zip(plans, hidden, strict=True):
-            self.state(p.seq)["hidden"] = h
+            self.state(p.seq).hidden = h
 
     def _learn(self, plans: list[Plan], verdicts: list[Verdict]) -> None:
         """Update the (depth, rank) acceptance estimates and the tree-position metrics."""
@@ -381,8 +400,8 @@ class MedusaStrategy(SpeculativeStrategy):
                     if k in kept:
                         self.evidence[key][0] += 1
                         accepted[key] += 1
-        labels = (self.engine.model_name, self.name)
-        metrics = self.engine.metrics
+        labels = (self.ctx.model_name, self.name)
+        metrics = self.ctx.metrics
         for (d, r), n in proposed.items():
             metrics.tree_proposed.labels(*labels, str(d), str(r)).inc(n)
         for (d, r), n in accepted.items():
@@ -397,9 +416,9 @@ def _plain_greedy(seq: Sequence) -> bool:
     return p.greedy and seq.matcher is None and not p.processes_logits
 
 
-def _tree_rows(plans: list[Plan], idx: list[int]) -> np.ndarray:
+def _tree_rows(plans: list[Plan], idx: list[int], out: ForwardOutput) -> np.ndarray:
     """The logits rows of the root and every node of the given plans' trees, plan after plan."""
-    return np.concatenate([np.arange(len(plans[i].tokens)) + plans[i].logits_row for i in idx])
+    return np.concatenate([np.arange(len(plans[i].tokens)) + out.logits_rows[i] for i in idx])
 
 
 def _longest_path(paths: tuple[tuple[int, ...], ...], ok: list[bool]) -> tuple[int, ...]:
@@ -415,10 +434,11 @@ def _longest_path(paths: tuple[tuple[int, ...], ...], ok: list[bool]) -> tuple[i
     return best
 
 
-def _verdict(plan: Plan, chain: tuple[int, ...], token: int) -> Verdict:
-    """Accept the nodes of `chain` (indices into plan.tokens), then `token`."""
+def _verdict(plan: Plan, row: int, chain: tuple[int, ...], token: int) -> Verdict:
+    """Accept the nodes of `chain` (indices into plan.tokens; the plan's rows start at `row`), then
+    `token`."""
     kept = [0, *chain]
-    return Verdict([plan.tokens[k] for k in chain] + [token], [plan.logits_row + k for k in kept], kept)
+    return Verdict([plan.tokens[k] for k in chain] + [token], [row + k for k in kept], kept)
 
 
 def _prune(seq: Sequence, choices: tuple[tuple[int, ...], ...], tokens: dict) -> tuple[tuple[int, ...], ...]:

@@ -6,12 +6,19 @@ It pays where the output copies its input: extraction, editing, code with repeat
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.sequence import Sequence
-from branchwise.strategies.base import Plan
-from branchwise.strategies.speculative import SpeculativeStrategy
+from branchwise.engine.stats import StepStats
+from branchwise.strategies.base import Resources, Strategy, verify_chains
+from branchwise.strategies.speculative import Acceptance, AdaptiveK, parse_k_params
+
+if TYPE_CHECKING:
+    from branchwise.engine.context import StrategyContext
 
 MAX_NGRAM, MIN_NGRAM = 4, 1
 
@@ -30,8 +37,21 @@ def lookup(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_N
     return []
 
 
-class NgramStrategy(SpeculativeStrategy):
+class NgramStrategy(Strategy):
     name = "ngram"
+
+    def __init__(self, ctx: StrategyContext, resources: Resources | None = None) -> None:
+        super().__init__(ctx)
+        self.k = AdaptiveK(self.name, ctx.config.num_speculative_tokens)
+
+    def parse_params(self, params: dict) -> dict:
+        return parse_k_params(self.name, params)
+
+    def begin_step(self, stats: StepStats) -> None:
+        self.k.begin_step(stats)
+
+    def lookahead(self, seq: Sequence) -> int:
+        return self.k.draft_length(seq, seq.strategy_state or Acceptance(), self.ctx.max_model_len)
 
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
         plans = []
@@ -41,4 +61,14 @@ class NgramStrategy(SpeculativeStrategy):
                 drafts = drafts[: seq.matcher.validate_tokens(drafts)]
             pending = seq.token_ids[seq.num_computed :]
             plans.append(Plan(seq, pending + drafts, num_logits=len(drafts) + 1, drafts=drafts))
+        self.k.drafting |= any(p.drafts for p in plans)
         return plans
+
+    def verify(self, plans: list[Plan], out: ForwardOutput) -> list[Verdict]:
+        verdicts = verify_chains(self.ctx, plans, out)
+        for p, v in zip(plans, verdicts, strict=True):
+            if p.drafts:
+                if p.seq.strategy_state is None:
+                    p.seq.strategy_state = Acceptance()
+                self.k.observe(p.seq.strategy_state, len(p.drafts), len(v.tokens) - 1)
+        return verdicts
