@@ -232,3 +232,47 @@ NUM: /-?[0-9]{{1,5}}/
     forked = counter(llm, "multiverse_paths") - before
     assert forked >= 4 * (2 + 2 * 2)
     assert llm.engine.blocks.num_available == llm.engine.num_blocks
+
+
+def test_paths_longer_than_96_tokens_merge_and_come_back_the_same_from_a_swapped_family(llm):
+    """A grammar forces paths of over 100 digits (one token each): no path is cut, and under a KV pool
+    that forces the families out and back in (paths and merged sequences alike) the tokens are the same."""
+    import re
+
+    from branchwise.constraints import Constraint
+
+    tag = {
+        t: f"<[{i}]>"
+        for t, i in llm.tokenizer.get_vocab().items()
+        if t.startswith(("<P", "<G", "<O", "<C", "</"))
+    }
+    goal = f'{tag["<Parallel>"]} "\\n" {tag["<Goal>"]} "\\n" outline outline+ {tag["</Goal>"]}'
+    grammar = rf"""
+start: {goal} path path+ {tag["<Conclusion>"]} CALC {tag["</Conclusion>"]} "\n" {tag["</Parallel>"]}
+path: {tag["<Path>"]} INDEX ": " LONG {tag["</Path>"]}
+outline: {tag["<Outline>"]} INDEX ": " EXPR {tag["</Outline>"]} "\n"
+INDEX: /[1-8]/
+EXPR: /[0-9]{{1,3}}[+*-][0-9]{{1,3}}/
+LONG: /[0-9]{{100,110}}/
+CALC: /[0-9+*= -]{{1,20}}/
+"""
+    params = SamplingParams(temperature=0, max_tokens=700, constraint=Constraint("grammar", grammar))
+    prompts = [chat(llm, t[0]) for t in tasks(8, seed=29)]
+    outs = llm.generate(prompts, params, strategy="multiverse")
+    for out in outs:
+        paths = re.findall(r"<Path>[1-8]: ([0-9]+)</Path>", out.outputs[0].text)
+        assert len(paths) >= 2 and all(len(llm.tokenizer.encode(p)) > 96 for p in paths), out.outputs[0].text
+        assert out.outputs[0].finish_reason == "stop"
+    small = LLM(str(ASSET_DIR), num_blocks=48)  # 768 slots: the families swap out and back
+    swapped = []
+    swap_out = small.engine.scheduler._swap_out
+
+    def watch(family):  # a family of one is a merged sequence: its K/V is not a causal recompute's
+        swapped.append(len(family) > 1)
+        return swap_out(family)
+
+    small.engine.scheduler._swap_out = watch
+    again = small.generate(prompts, params, strategy="multiverse")
+    assert True in swapped and False in swapped  # paths' families, and merged sequences
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+    assert small.engine.blocks.num_available == small.engine.blocks.num_blocks

@@ -9,7 +9,7 @@ import torch
 
 from branchwise.engine.kv_cache import new_pool
 from branchwise.engine.model_runner import ModelRunner
-from branchwise.engine.sequence import Sequence, Status
+from branchwise.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from branchwise.engine.engine import LLMEngine
@@ -111,12 +111,7 @@ class StrategyContext:
 
     def release(self, seq: Sequence) -> None:
         """End a hidden sequence quietly (its tokens are its parent's to use): its blocks come back."""
-        e = self._engine
-        e.scheduler.remove(seq)
-        e.blocks.free(seq)
-        seq.status = Status.FINISHED
-        if seq.parent is not None and seq in seq.parent.children:
-            seq.parent.children.remove(seq)
+        self._engine.release_hidden(seq)
 
     def adopt_kv(self, seq: Sequence, sources: list[tuple[Sequence, int, int]], at: int) -> None:
         """`seq` takes the K/V of `sources` (sequence, start, end: its slots start..end-1), in order, as its

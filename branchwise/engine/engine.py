@@ -626,7 +626,7 @@ class LLMEngine:
         except Exception:  # the sequence ends all the same, its blocks come back below
             log.exception("strategy %r failed to release sequence %d", seq.strategy, seq.seq_id)
         for hidden in family_of(seq)[1:]:  # what it spawned ends with it
-            self._release(hidden)
+            self.release_hidden(hidden)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
@@ -646,7 +646,7 @@ class LLMEngine:
             self.metrics.e2e.labels(self.model_name).observe(time.monotonic() - seq.arrival_time)
             self.metrics.request_success.labels(self.model_name, reason).inc()
 
-    def _release(self, seq: Sequence) -> None:
+    def release_hidden(self, seq: Sequence) -> None:
         """A hidden sequence ends quietly: out of the queues, its blocks back."""
         self.scheduler.remove(seq)
         self.blocks.free(seq)
@@ -662,7 +662,7 @@ class LLMEngine:
         for source, _, _ in sources:
             if source.seq_id not in released:
                 released.add(source.seq_id)
-                self._release(source)
+                self.release_hidden(source)
         end = at + kv[0].shape[2]
         if self.blocks.can_allocate(seq, end):
             self.blocks.allocate(seq, end)
