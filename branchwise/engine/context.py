@@ -111,14 +111,14 @@ class StrategyContext:
 
     def release(self, seq: Sequence) -> None:
         """End a hidden sequence quietly (its tokens are its parent's to use): its blocks come back."""
-        self._engine.release_hidden(seq)
+        self._engine.scheduler.release(seq)
 
     def adopt_kv(self, seq: Sequence, sources: list[tuple[Sequence, int, int]], at: int) -> None:
         """`seq` takes the K/V of `sources` (sequence, start, end: its slots start..end-1), in order, as its
         own slots from `at` on, and runs again. The source sequences end (released) first, so their
         blocks are there to take; if the cache still has no room, `seq` waits swapped out with that K/V,
         as a preempted sequence does: this never fails for want of blocks."""
-        self._engine.adopt_kv(seq, sources, at)
+        self._engine.scheduler.adopt_kv(seq, sources, at)
 
     def append(self, seq: Sequence, token: int) -> None:
         """Append a token a strategy forced or merged (not sampled): stop checks and grammar as usual."""

@@ -626,7 +626,7 @@ class LLMEngine:
         except Exception:  # the sequence ends all the same, its blocks come back below
             log.exception("strategy %r failed to release sequence %d", seq.strategy, seq.seq_id)
         for hidden in family_of(seq)[1:]:  # what it spawned ends with it
-            self.release_hidden(hidden)
+            self.scheduler.release(hidden)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
@@ -645,35 +645,6 @@ class LLMEngine:
             self._requests.pop(seq.request_id, None)
             self.metrics.e2e.labels(self.model_name).observe(time.monotonic() - seq.arrival_time)
             self.metrics.request_success.labels(self.model_name, reason).inc()
-
-    def release_hidden(self, seq: Sequence) -> None:
-        """A hidden sequence ends quietly: out of the queues, its blocks back."""
-        self.scheduler.remove(seq)
-        self.blocks.free(seq)
-        seq.status = Status.FINISHED
-        if seq in seq.parent.children:
-            seq.parent.children.remove(seq)
-
-    def adopt_kv(self, seq: Sequence, sources: list[tuple[Sequence, int, int]], at: int) -> None:
-        """`seq` (computed up to `at`) takes the sources' K/V as its slots from `at` on and runs again; the
-        sources end first, so that their blocks can be taken (see `StrategyContext.adopt_kv`)."""
-        kv = self.blocks.gather([slot for s, a, b in sources for slot in self.blocks.slots(s, a, b)])
-        released: set[int] = set()
-        for source, _, _ in sources:
-            if source.seq_id not in released:
-                released.add(source.seq_id)
-                self.release_hidden(source)
-        end = at + kv[0].shape[2]
-        if self.blocks.can_allocate(seq, end):
-            self.blocks.allocate(seq, end)
-            self.blocks.scatter(self.blocks.slots(seq, at, end), kv)
-            seq.num_computed = end
-            self.scheduler.resume(seq)
-            return
-        image = self.blocks.image(self.blocks.gather(self.blocks.slots(seq, 0, at), "cpu"), kv)
-        seq.num_computed = end
-        self.blocks.free(seq)
-        self.scheduler.wait(seq, image)  # back, holding this K/V, once blocks are free
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> None:
         log.exception("step failed for %d sequence(s)", len(seqs), exc_info=error)

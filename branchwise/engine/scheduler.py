@@ -98,6 +98,37 @@ class Scheduler:
         root.swapped = None
         return True
 
+    def release(self, seq: Sequence) -> None:
+        """A hidden sequence ends quietly: out of the queues, its blocks back."""
+        self.remove(seq)
+        self.blocks.free(seq)
+        seq.status = Status.FINISHED
+        if seq in seq.parent.children:
+            seq.parent.children.remove(seq)
+
+    def adopt_kv(self, seq: Sequence, sources: list[tuple[Sequence, int, int]], at: int) -> None:
+        """`seq` (computed up to `at`) takes the sources' K/V as its slots from `at` on and runs again. The
+        sources end first, so that their blocks can be taken; with no room even then, `seq` waits swapped
+        out holding that K/V, first in the queue (see `StrategyContext.adopt_kv`)."""
+        blocks = self.blocks
+        kv = blocks.gather([slot for s, a, b in sources for slot in blocks.slots(s, a, b)])
+        released: set[int] = set()
+        for source, _, _ in sources:
+            if source.seq_id not in released:
+                released.add(source.seq_id)
+                self.release(source)
+        end = at + kv[0].shape[2]
+        if blocks.can_allocate(seq, end):
+            blocks.allocate(seq, end)
+            blocks.scatter(blocks.slots(seq, at, end), kv)
+            seq.num_computed = end
+            self.resume(seq)
+            return
+        image = blocks.image(blocks.gather(blocks.slots(seq, 0, at), "cpu"), kv)
+        seq.num_computed = end
+        blocks.free(seq)
+        self.wait(seq, image)
+
     def wait(self, seq: Sequence, image: tuple | None = None) -> None:
         """Put a sequence that holds no blocks first in the queue; with `image` (a `swap_out`) it comes back
         holding that K/V, running."""
