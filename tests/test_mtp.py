@@ -116,8 +116,8 @@ def test_mtp_reuses_cached_blocks_only_where_its_own_entries_are(spec_target, pr
             seen.append(plan.first_block)
             return plan
 
-        strategy.draft_plan = recording
-        assert [o.token_ids for o in outputs(llm, requests, GREEDY, "mtp")] == ar
+        strategy.draft_plan = recording  # a fixed K: the adaptive one may rightly stop drafting
+        assert [o.token_ids for o in outputs(llm, requests, GREEDY, "mtp", num_speculative_tokens=2)] == ar
         strategy.draft_plan = draft_plan
         return seen
 
