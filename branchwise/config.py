@@ -32,8 +32,8 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=16, description="most tokens fed to one forward pass")
     strategy: str = Field(
         "ar",
-        description="default decoding strategy; requests may override it (ar, draft, ngram, mtp, medusa, "
-        "multiverse, and any installed through the branchwise.strategies entry point group)",
+        description="default decoding strategy; requests may override it (ar, draft, ngram, suffix, mtp, "
+        "medusa, multiverse, and any installed through the branchwise.strategies entry point group)",
     )
     draft_model: str | None = Field(
         None,
@@ -51,6 +51,12 @@ class EngineConfig(BaseModel):
     )
     num_speculative_tokens: int = Field(
         10, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
+    )
+    suffix_max_cached_requests: int = Field(
+        10000, ge=0, description="finished requests whose outputs the 'suffix' strategy drafts from"
+    )
+    suffix_max_cached_tokens: int = Field(
+        1 << 22, ge=16, description="most output tokens in the 'suffix' strategy's cache (12 bytes each)"
     )
     max_constraint_seconds: float = Field(
         2.0,

@@ -213,7 +213,7 @@ def test_demo_model_extraction_validates_with_every_strategy():
     rng = random.Random(21)
     jobs = [extraction(rng) for _ in range(12)]
     prompts = [demo.chat_prompt([{"role": "user", "content": m}]) for m, _, _ in jobs]
-    for strategy in ("ar", "draft", "ngram", "mtp", "medusa"):
+    for strategy in ("ar", "draft", "ngram", "suffix", "mtp", "medusa"):
         for temperature in (0.0, 1.0):
             params = [
                 SamplingParams(

@@ -43,7 +43,6 @@ def test_tree_from_a_hand_checked_choice_list():
     assert choices == ((0,), (1,), (0, 0), (0, 1), (0, 0, 0))
     tree = build_tree(tuple(sorted(choices)))
     # index: 0 root, 1 (0,), 2 (0,0), 3 (0,0,0), 4 (0,1), 5 (1,)
-    assert tree.choices == ((0,), (0, 0), (0, 0, 0), (0, 1), (1,))
     assert tree.depth.tolist() == [0, 1, 2, 3, 2, 1]
     assert tree.parent == (-1, 0, 1, 2, 1, 0)
     assert tree.paths == ((1, 2, 3), (1, 4), (5,))

@@ -76,7 +76,7 @@ def test_strategies_mix_per_request_in_one_batch(llm_truncated, prompts):
     ar = [o.token_ids for o in outputs(llm_truncated, prompts, GREEDY, "ar")]
     engine = llm_truncated.engine
     for i, p in enumerate(prompts):
-        engine.add_request(f"mix{i}", p, GREEDY, ["ar", "draft", "ngram", "mtp", "medusa"][i % 5])
+        engine.add_request(f"mix{i}", p, GREEDY, ["ar", "draft", "ngram", "suffix", "mtp", "medusa"][i % 6])
     got: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for u in engine.step():
@@ -87,7 +87,7 @@ def test_strategies_mix_per_request_in_one_batch(llm_truncated, prompts):
 def test_stop_string_and_max_tokens_end_an_accepted_run_exactly(llm_truncated, prompts):
     ar = outputs(llm_truncated, prompts[:4], GREEDY, "ar")
     stops = [o.text[7:10] for o in ar]
-    for strategy in ("draft", "ngram", "mtp"):
+    for strategy in ("draft", "ngram", "suffix", "mtp"):
         for p, stop in zip(prompts[:4], stops, strict=True):
             params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=[stop])
             want = outputs(llm_truncated, [p], params, "ar")[0]
@@ -110,7 +110,7 @@ def test_logprobs_are_the_target_models(llm_truncated, prompts):
         )
 
 
-@pytest.mark.parametrize("strategy", ["draft", "ngram", "mtp"])
+@pytest.mark.parametrize("strategy", ["draft", "ngram", "suffix", "mtp"])
 def test_sampled_tokens_follow_the_autoregressive_distribution(llm_truncated, strategy):
     """Two-sample chi-square on the 2nd and 3rd sampled tokens (the first ones drafts can touch)."""
     # every token id occurs in the prompt, so prompt lookup always finds a 1-gram to draft from

@@ -12,11 +12,13 @@ from branchwise.strategies.medusa import MedusaStrategy
 from branchwise.strategies.mtp import MTPStrategy
 from branchwise.strategies.multiverse import MultiverseStrategy
 from branchwise.strategies.ngram import NgramStrategy
+from branchwise.strategies.suffix import SuffixStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "ar": Strategy,
     "draft": DraftStrategy,
     "ngram": NgramStrategy,
+    "suffix": SuffixStrategy,
     "mtp": MTPStrategy,
     "medusa": MedusaStrategy,
     "multiverse": MultiverseStrategy,

@@ -25,7 +25,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from branchwise.engine import sampler
@@ -33,8 +32,21 @@ from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.sequence import Sequence
 from branchwise.engine.stats import StepStats
 from branchwise.models.medusa import find_heads, load_heads
-from branchwise.strategies.base import Resources, Strategy, grammar_masks, verify_chains
+from branchwise.strategies.base import Resources, Strategy, verify_chains
 from branchwise.strategies.speculative import AdaptiveK
+from branchwise.strategies.tree import (
+    Tree,
+    longest_path,
+    path_verdict,
+    plain_greedy,
+    prune,
+    tree_of,
+    tree_plan,
+    tree_rows,
+    verify_greedy,
+    verify_longest,
+    verify_paths,
+)
 
 if TYPE_CHECKING:
     from branchwise.engine.context import StrategyContext
@@ -46,35 +58,11 @@ DECAY = 0.995  # per step, old acceptance evidence fades
 POSTERIOR_THRESHOLD, POSTERIOR_ALPHA = 0.09, 0.3  # the authors' typical-acceptance defaults
 
 
-@dataclass(frozen=True)
-class Tree:
-    """A token tree: index 0 is the pending token (the root), node i of `choices` is index i + 1."""
-
-    choices: tuple[tuple[int, ...], ...]  # sorted: every node after its ancestors
-    depth: np.ndarray  # (N + 1,) root 0
-    mask: torch.Tensor  # (N + 1, N + 1) bool: row i sees its ancestors and itself
-    paths: tuple[tuple[int, ...], ...]  # root-to-leaf index paths (root excluded), one per leaf
-    parent: tuple[int, ...]  # (N + 1,) index of each node's parent (root: -1)
-
-
 @functools.lru_cache(maxsize=512)
 def build_tree(choices: tuple[tuple[int, ...], ...]) -> Tree:
-    """The tree of a sorted, prefix-closed choice list (every node's parent is in the list)."""
+    """The tree of a sorted, prefix-closed choice list (node i of `choices` is tree index i + 1)."""
     index = {c: i + 1 for i, c in enumerate(choices)}
-    n = len(choices) + 1
-    mask = torch.eye(n, dtype=torch.bool)
-    mask[:, 0] = True
-    parent = [-1]
-    for i, c in enumerate(choices, 1):
-        parent.append(index[c[:-1]] if len(c) > 1 else 0)
-        for k in range(1, len(c)):
-            mask[i, index[c[:k]]] = True
-    inner = set(parent)
-    paths = tuple(
-        tuple(index[c[:k]] for k in range(1, len(c) + 1)) for i, c in enumerate(choices, 1) if i not in inner
-    )
-    depth = np.array([0] + [len(c) for c in choices])
-    return Tree(choices, depth, mask, paths, tuple(parent))
+    return tree_of((-1, *(index[c[:-1]] if len(c) > 1 else 0 for c in choices)))
 
 
 def check_choices(choices, num_heads: int) -> tuple[tuple[int, ...], ...]:
@@ -218,25 +206,15 @@ class MedusaStrategy(Strategy):
                 plans.append(Plan(seq, pending))
                 continue
             j = row[i]
-            tokens = {c: top[len(c) - 1][j][c[-1]] for c in trees[i]}
-            choices = trees[i] if seq.matcher is None else _prune(seq, trees[i], tokens)
+            choices = trees[i]
+            drafts = [top[len(c) - 1][j][c[-1]] for c in choices]
+            if seq.matcher is not None:
+                kept = prune(seq, build_tree(choices).parent, drafts)
+                choices, drafts = tuple(choices[k - 1] for k in kept), [drafts[k - 1] for k in kept]
             if not choices:
                 plans.append(Plan(seq, pending))
                 continue
-            tree = build_tree(choices)
-            drafts = [tokens[c] for c in choices]
-            positions = (seq.num_computed + seq.position_offset + tree.depth).tolist()
-            plans.append(
-                Plan(
-                    seq,
-                    pending + drafts,
-                    num_logits=len(drafts) + 1,
-                    positions=positions,
-                    mask=tree.mask,
-                    drafts=drafts,
-                    payload=tree,
-                )
-            )
+            plans.append(tree_plan(seq, drafts, build_tree(choices), payload=choices))
         self.k.drafting |= any(p.drafts for p in plans)
         return plans
 
@@ -250,94 +228,37 @@ class MedusaStrategy(Strategy):
             ):
                 verdicts[i] = v
         trees = [i for i, p in enumerate(plans) if p.payload is not None]
-        fast = [i for i in trees if _plain_greedy(plans[i].seq)]
-        for i, v in zip(fast, self._verify_greedy(plans, fast, out), strict=True):
-            verdicts[i] = v
-        general = sorted(set(trees) - set(fast))
-        for i, v in zip(general, self._verify_paths(plans, general, out), strict=True):
+        fast = [i for i in trees if plain_greedy(plans[i].seq)]
+        greedy = [i for i in trees if i not in fast and plans[i].seq.params.greedy]
+        sampled = [i for i in trees if not plans[i].seq.params.greedy]
+        for group, verify in ((fast, verify_greedy), (greedy, functools.partial(verify_longest, self.ctx))):
+            found = verify(plans, group, [build_tree(plans[i].payload) for i in group], out)
+            for i, v in zip(group, found, strict=True):
+                verdicts[i] = v
+        for i, v in zip(sampled, self._verify_typical(plans, sampled, out), strict=True):
             verdicts[i] = v
         self._keep_hidden(plans, verdicts, out)
         self._learn(plans, verdicts)
         return verdicts
 
-    def _verify_greedy(self, plans: list[Plan], idx: list[int], out: ForwardOutput) -> list[Verdict]:
-        """Greedy with no penalties or grammar: the target's argmax at every tree row; a node is accepted
-        when it is the argmax of its parent's row."""
+    def _verify_typical(self, plans: list[Plan], idx: list[int], out: ForwardOutput) -> list[Verdict]:
+        """Sampled sequences: the longest path typical acceptance takes, run through the sampler's rule."""
         if not idx:
             return []
-        rows = _tree_rows(plans, idx, out)
-        best = out.logits[torch.from_numpy(rows).to(out.logits.device)].argmax(-1).tolist()
-        verdicts, at = [], 0
-        for i in idx:
-            p, tree = plans[i], plans[i].payload
-            choice = best[at : at + len(p.tokens)]
-            at += len(p.tokens)
-            ok = [k > 0 and p.tokens[k] == choice[tree.parent[k]] for k in range(len(p.tokens))]
-            chain = _longest_path(tree.paths, ok)
-            verdicts.append(_verdict(p, out.logits_rows[i], chain, choice[chain[-1] if chain else 0]))
-        return verdicts
-
-    def _verify_paths(self, plans: list[Plan], idx: list[int], out: ForwardOutput) -> list[Verdict]:
-        """Penalties, grammars or sampling: each root-to-leaf path as a chain through the sampler's rule
-        (greedy: the longest accepted path), or the path typical acceptance picks (sampled)."""
-        if not idx:
-            return []
-        chains: list[tuple[int, tuple[int, ...]]] = []  # (plan index, path) for greedy sequences
-        picked: list[tuple[int, tuple[int, ...]]] = []  # (plan index, accepted path) for sampled ones
-        sampled = [i for i in idx if not plans[i].seq.params.greedy]
-        accept = self._typical(plans, sampled, out)
-        for i in idx:
-            tree = plans[i].payload
-            if plans[i].seq.params.greedy:
-                chains += [(i, path) for path in tree.paths]
-                continue
-            picked.append((i, _longest_path(tree.paths, accept[i])))
-        results: dict[int, list[tuple[int, tuple[int, ...], int]]] = {}
-        for group, typical in ((chains, False), (picked, True)):
-            if not group:
-                continue
-            num_acc, nxt = self._run_chains(plans, group, out, typical)
-            for (i, path), a, t in zip(group, num_acc, nxt, strict=True):
-                results.setdefault(i, []).append((a, path, t))
-        verdicts = []
-        for i in idx:
-            a, path, t = max(results[i], key=lambda r: r[0])  # the first of the longest
-            verdicts.append(_verdict(plans[i], out.logits_rows[i], path[:a], t))
-        return verdicts
-
-    def _run_chains(
-        self, plans: list[Plan], group: list[tuple[int, tuple[int, ...]]], out: ForwardOutput, typical: bool
-    ) -> tuple[list[int], list[int]]:
-        """verify_chains over root-to-node paths, each gathered into consecutive logits rows."""
-        rows, first = [], []
-        for i, path in group:
-            first.append(len(rows))
-            rows += [out.logits_rows[i] + r for r in (0, *path)]
-        logits = out.logits[torch.tensor(rows, device=out.logits.device)]
-        seqs = [plans[i].seq for i, _ in group]
-        drafts = [[plans[i].tokens[r] for r in path] for i, path in group]
-        allowed = None
-        if any(s.matcher is not None for s in seqs):
-            # a matcher copy per chain: the chains of one sequence advance through different tokens
-            matchers = [s.matcher.deep_copy() if s.matcher is not None else None for s in seqs]
-            allowed = grammar_masks(self.ctx, matchers, drafts, logits.shape[-1], logits.device)
-        return sampler.verify_chains(
-            logits,
-            seqs,
-            first,
-            drafts,
-            [self.ctx.stop_token_ids(s) for s in seqs],
-            None,
-            allowed,
-            [len(d) for d in drafts] if typical else None,
-        )
+        accept = self._typical(plans, idx, out)
+        picked = [(i, longest_path(build_tree(plans[i].payload).paths, accept[i])) for i in idx]
+        num_acc, nxt = verify_paths(self.ctx, plans, picked, out, typical=True)
+        return [
+            path_verdict(plans[i], out.logits_rows[i], path[:a], t)
+            for (i, path), a, t in zip(picked, num_acc, nxt, strict=True)
+        ]
 
     def _typical(self, plans: list[Plan], idx: list[int], out: ForwardOutput) -> dict[int, list[bool]]:
         """Typical acceptance of every node of sampled sequences: p(node | parent) above
         min(threshold, alpha * exp(-entropy of the parent's distribution))."""
         if not idx:
             return {}
-        rows = _tree_rows(plans, idx, out)
+        rows = tree_rows(plans, idx, out)
         temps = torch.tensor(
             [max(plans[i].seq.params.temperature, 1e-5) for i in idx for _ in plans[i].tokens],
             device=out.logits.device,
@@ -354,7 +275,7 @@ class MedusaStrategy(Strategy):
             p, params = plans[i], plans[i].seq.strategy_params
             threshold = params.get("posterior_threshold", POSTERIOR_THRESHOLD)
             alpha = params.get("posterior_alpha", POSTERIOR_ALPHA)
-            parents += [at + max(r, 0) for r in p.payload.parent]
+            parents += [at + max(r, 0) for r in build_tree(p.payload).parent]
             tokens += p.tokens
             limits += [(threshold, alpha)] * len(p.tokens)
             at += len(p.tokens)
@@ -388,11 +309,11 @@ class MedusaStrategy(Strategy):
             ev[0] *= DECAY
             ev[1] *= DECAY
         for p, v in zip(plans, verdicts, strict=True):
-            tree = p.payload
-            if tree is None:
+            if p.payload is None:
                 continue
+            tree = build_tree(p.payload)
             kept = set(v.kv_keep)  # the root and the accepted nodes
-            for k, c in enumerate(tree.choices, 1):
+            for k, c in enumerate(p.payload, 1):
                 key = (len(c), c[-1])
                 proposed[key] += 1
                 if tree.parent[k] in kept:  # reached: its parent was accepted
@@ -409,45 +330,3 @@ class MedusaStrategy(Strategy):
 
     def on_preempt(self, seq: Sequence) -> None:
         seq.strategy_state = None  # the hidden state belongs to K/V that is gone: one plain step first
-
-
-def _plain_greedy(seq: Sequence) -> bool:
-    p = seq.params
-    return p.greedy and seq.matcher is None and not p.processes_logits
-
-
-def _tree_rows(plans: list[Plan], idx: list[int], out: ForwardOutput) -> np.ndarray:
-    """The logits rows of the root and every node of the given plans' trees, plan after plan."""
-    return np.concatenate([np.arange(len(plans[i].tokens)) + out.logits_rows[i] for i in idx])
-
-
-def _longest_path(paths: tuple[tuple[int, ...], ...], ok: list[bool]) -> tuple[int, ...]:
-    """The longest accepted prefix of any root-to-leaf path (the first of equals); ok[k]: node k is
-    accepted given its parent."""
-    best: tuple[int, ...] = ()
-    for path in paths:
-        a = 0
-        while a < len(path) and ok[path[a]]:
-            a += 1
-        if a > len(best):
-            best = path[:a]
-    return best
-
-
-def _verdict(plan: Plan, row: int, chain: tuple[int, ...], token: int) -> Verdict:
-    """Accept the nodes of `chain` (indices into plan.tokens; the plan's rows start at `row`), then
-    `token`."""
-    kept = [0, *chain]
-    return Verdict([plan.tokens[k] for k in chain] + [token], [row + k for k in kept], kept)
-
-
-def _prune(seq: Sequence, choices: tuple[tuple[int, ...], ...], tokens: dict) -> tuple[tuple[int, ...], ...]:
-    """Drop the nodes (and their subtrees) whose tokens the sequence's grammar rejects."""
-    kept: set[tuple[int, ...]] = set()
-    for c in choices:  # parents first
-        if len(c) > 1 and c[:-1] not in kept:
-            continue
-        path = [tokens[c[:k]] for k in range(1, len(c) + 1)]
-        if seq.matcher.validate_tokens(path) == len(path):
-            kept.add(c)
-    return tuple(c for c in choices if c in kept)
