@@ -1,4 +1,4 @@
-"""Suffix decoding: trees drafted from the sequence's own tokens and earlier outputs, exact under every mode."""
+"""Suffix decoding: trees drafted from the sequence's own tokens and earlier outputs, exact in every mode."""
 
 from __future__ import annotations
 
