@@ -276,13 +276,21 @@ def main(argv: list[str] | None = None) -> None:
     online.set_defaults(func=cmd_bench_serve)
 
     offline = bench.add_parser("offline", help="every strategy and the transformers baselines, in-process")
-    offline.add_argument("--model", default="demo")
-    offline.add_argument("--draft-model", default=None)
-    offline.add_argument("--strategies", default="ar,draft,ngram,mtp,medusa,multiverse")
-    offline.add_argument("--batch-sizes", default="1,8,32")
-    offline.add_argument("--dataset", default="chat", help="code|extraction|arithmetic|chat or a JSONL file")
-    offline.add_argument("--max-tokens", type=int, default=128)
-    offline.add_argument("--device", default="auto")
+    offline.add_argument("--model", default="demo", help="checkpoint folder or hub id")
+    offline.add_argument(
+        "--draft-model", default=None, help="draft checkpoint (default: draft/ beside the model)"
+    )
+    offline.add_argument(
+        "--strategies",
+        default="ar,draft,ngram,suffix,mtp,medusa,multiverse",
+        help="comma-separated; those the model lacks weights for are skipped",
+    )
+    offline.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
+    offline.add_argument(
+        "--dataset", default="chat", help="code|extraction|arithmetic|chat|agent or a JSONL file"
+    )
+    offline.add_argument("--max-tokens", type=int, default=128, help="most output tokens a request")
+    offline.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     offline.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
     offline.add_argument(
         "--out", default=None, help="JSON file or folder (default: a new bench-results/<time>/ here)"

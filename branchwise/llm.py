@@ -28,8 +28,10 @@ class LLM:
     def encode(self, prompt: Prompt) -> list[int]:
         return prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=False
+        )
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def chat(

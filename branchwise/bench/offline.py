@@ -33,7 +33,10 @@ SEQUENTIAL = 4  # prompts run one at a time at batch 1, by us and by the transfo
 
 
 def prompts_of(llm: LLM, records: list[dict]) -> list[list[int]]:
-    return [llm.chat_prompt(r["messages"]) if "messages" in r else llm.encode(r["prompt"]) for r in records]
+    return [
+        llm.chat_prompt(r["messages"], r.get("tools")) if "messages" in r else llm.encode(r["prompt"])
+        for r in records
+    ]
 
 
 def run_batch(
@@ -114,7 +117,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def bench_offline(
     model: str = "demo",
-    strategies: tuple[str, ...] = ("ar", "draft", "ngram", "mtp", "medusa", "multiverse"),
+    strategies: tuple[str, ...] = ("ar", "draft", "ngram", "suffix", "mtp", "medusa", "multiverse"),
     batch_sizes: tuple[int, ...] = (1, 8, 32),
     dataset: str = "chat",
     max_tokens: int = 128,
@@ -134,9 +137,7 @@ def bench_offline(
     path = Path(out) if out else Path.cwd() / "bench-results" / time.strftime("%Y%m%d-%H%M%S")
     path = path if path.suffix == ".json" else path / f"bench_offline-{dataset}-{engine.device.type}.json"
     records = load_records(dataset)
-    # every batch size runs at least SEQUENTIAL prompts (batch 1: one after another), the baselines' set
-    count = max(max(batch_sizes), SEQUENTIAL)
-    prompts = prompts_of(llm, (records * (count // len(records) + 1))[:count])
+    prompts = prompts_of(llm, records)
     strategies = tuple(s for s in strategies if _available(llm, s))
     cells = [
         (b, s, c)
@@ -146,15 +147,21 @@ def bench_offline(
         if not c or "schema" in records[0]
     ]
 
+    def cycled(count: int) -> list[int]:
+        """Passes go on through the dataset rather than repeating its first prompts: a strategy that learns
+        from earlier outputs (suffix) must not be handed the same request twice in a run."""
+        return [i % len(prompts) for i in range(count)]
+
     def work(cell, passes: int) -> dict:
         batch, strategy, constrained = cell
-        n = max(batch, SEQUENTIAL)
+        picked = cycled(max(batch, SEQUENTIAL) * passes)
         params = []
-        for i in range(n):
-            schema = records[i % len(records)].get("schema") if constrained else None
+        for i in picked:
+            schema = records[i].get("schema") if constrained else None
             c = Constraint.json_schema(schema) if schema else None
             params.append(SamplingParams(temperature=0, max_tokens=max_tokens, constraint=c))
-        return run_batch(llm, prompts[:n] * passes, params * passes, strategy, batch)
+        engine.strategy(strategy).reset_cache()  # every run starts cold: rounds repeat the same prompts
+        return run_batch(llm, [prompts[i] for i in picked], params, strategy, batch)
 
     hf = None
     if baselines:
@@ -169,7 +176,7 @@ def bench_offline(
     for cell in tqdm(cells, desc="warm-up"):  # also the adaptive controllers' first estimates
         passes[cell] = max(1, math.ceil(min_tokens / max(work(cell, 1)["output_tokens"], 1)))
     for mode in hf.modes if hf else ():
-        tokens = hf.run(mode, prompts[:SEQUENTIAL], max_tokens)["output_tokens"]
+        tokens = hf.run(mode, [prompts[i] for i in cycled(SEQUENTIAL)], max_tokens)["output_tokens"]
         hf_passes[mode] = max(1, math.ceil(min_tokens / max(tokens, 1)))
     runs: dict = {cell: [] for cell in cells}
     hf_runs: dict[str, list[float]] = {mode: [] for mode in hf_passes}
@@ -177,7 +184,7 @@ def bench_offline(
         for cell in cells:
             runs[cell].append(work(cell, passes[cell]))
         for mode in hf_runs:
-            result = hf.run(mode, prompts[:SEQUENTIAL] * hf_passes[mode], max_tokens)
+            result = hf.run(mode, [prompts[i] for i in cycled(SEQUENTIAL * hf_passes[mode])], max_tokens)
             hf_runs[mode].append(result["tokens_per_s"])
     rows = []
     for cell, results in runs.items():
@@ -185,6 +192,7 @@ def bench_offline(
         rates = [r["tokens_per_s"] for r in results]
         median = sorted(results, key=lambda r: r["tokens_per_s"])[len(results) // 2]
         row = {"batch": batch, "strategy": strategy, "constrained": constrained} | median
+        row["prompts_repeated"] = len(median["outputs"]) > len(prompts)  # a pass wrapped around the set
         row |= {"tokens_per_s": statistics.median(rates), "tokens_per_s_spread": spread(rates)}
         rows.append(row)
     base = {

@@ -87,6 +87,9 @@ class Strategy:
         """`seq`'s K/V was freed for a recompute: forget state that referred to it."""
         seq.strategy_state = None
 
+    def reset_cache(self) -> None:
+        """Forget what earlier requests' outputs taught (a benchmark starts every run from the same state)."""
+
 
 def verify_chains(ctx: StrategyContext, plans: list[Plan], out: ForwardOutput) -> list[Verdict]:
     """The chain rule over plans whose drafts (possibly none) are the tail of their tokens."""

@@ -308,3 +308,6 @@ class SuffixStrategy(Strategy):
 
     def on_preempt(self, seq: Sequence) -> None:
         """Nothing refers to K/V: the state (the sequence's own tokens) stays."""
+
+    def reset_cache(self) -> None:
+        self.cache = SuffixCache(self.cache.max_requests, self.cache.capacity)
