@@ -155,6 +155,26 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
+def cmd_train_eagle3(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from branchwise.models.demo import resolve
+    from branchwise.train.eagle3 import train_eagle3
+
+    info = train_eagle3(
+        resolve(args.model),
+        Path(args.out) if args.out else None,
+        args.minutes,
+        args.device,
+        args.seed,
+        args.num_prompts,
+        args.max_tokens,
+        args.data,
+        draft_vocab_size=args.draft_vocab_size,
+    )
+    print(json.dumps(info, indent=2))
+
+
 def cmd_train_mtp(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -312,6 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     mtp = train.add_parser("mtp", help="self-distil an MTP module for a frozen model")
     add_self_distillation_args(mtp, "output file (default: mtp.safetensors beside the model)")
     mtp.set_defaults(func=cmd_train_mtp)
+    eagle3 = train.add_parser("eagle3", help="self-distil an EAGLE-3 drafter for a frozen model")
+    add_self_distillation_args(eagle3, "output folder (default: eagle3/ beside the model)")
+    eagle3.add_argument(
+        "--draft-vocab-size", type=int, default=None, help="draft vocabulary (default: the model's)"
+    )
+    eagle3.set_defaults(func=cmd_train_eagle3)
     medusa = train.add_parser("medusa", help="self-distil Medusa heads for a frozen model")
     add_self_distillation_args(medusa, "output folder (default: medusa/ beside the model)")
     medusa.add_argument("--num-heads", type=int, default=4)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MODEL = "demo"  # the embedded demo model (see branchwise/models/demo.py)
+# vLLM's --speculative-config: method -> (our strategy, the field its "model" sets)
+SPECULATIVE_METHODS = {
+    "eagle3": ("eagle3", "eagle_model"),
+    "draft_model": ("draft", "draft_model"),
+    "ngram": ("ngram", None),
+    "suffix": ("suffix", None),
+    "mtp": ("mtp", "mtp_model"),
+    "medusa": ("medusa", "medusa_heads"),
+}
+SPECULATIVE_KEYS = {"method", "model", "num_speculative_tokens", "suffix_decoding_max_cached_requests"}
 
 
 class EngineConfig(BaseModel):
@@ -49,6 +60,11 @@ class EngineConfig(BaseModel):
         description="Medusa heads of the 'medusa' strategy: a folder in the authors' layout (default: a "
         "medusa/ folder beside the model)",
     )
+    eagle_model: str | None = Field(
+        None,
+        description="EAGLE-3 drafter of the 'eagle3' strategy: a folder in the authors' or the speculators "
+        "layout (default: an eagle3/ folder beside the model)",
+    )
     num_speculative_tokens: int = Field(
         10, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
     )
@@ -74,6 +90,61 @@ class EngineConfig(BaseModel):
     )
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
     prefix_cache: bool = Field(True, description="share the KV blocks of common prompt prefixes")
+
+    speculative_config: dict | None = Field(
+        None,
+        description='vLLM\'s speculative config as JSON, e.g. \'{"method": "eagle3", "model": PATH, '
+        "\"num_speculative_tokens\": 3}': sets --strategy, the method's weights and the draft length; "
+        f"methods {', '.join(SPECULATIVE_METHODS)}",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _speculative_config(cls, data):
+        """vLLM's --speculative-config, translated into our fields (a clash with them is an error)."""
+        spec = data.get("speculative_config") if isinstance(data, dict) else None
+        if spec is None:
+            return data
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        unknown = set(spec) - SPECULATIVE_KEYS
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unsupported keys {sorted(unknown)}; "
+                f"supported: {sorted(SPECULATIVE_KEYS)}"
+            )
+        method = spec.get("method")
+        if method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative_config method {method!r}: choose from {sorted(SPECULATIVE_METHODS)}"
+            )
+        strategy, weights = SPECULATIVE_METHODS[method]
+        mapped = {"strategy": strategy}
+        if "model" in spec:
+            if weights is None:
+                raise ValueError(f"speculative_config: method {method!r} takes no model")
+            mapped[weights] = spec["model"]
+        if "num_speculative_tokens" in spec:
+            mapped["num_speculative_tokens"] = spec["num_speculative_tokens"]
+        if "suffix_decoding_max_cached_requests" in spec:
+            mapped["suffix_max_cached_requests"] = spec["suffix_decoding_max_cached_requests"]
+        data = dict(data) | {"speculative_config": spec}
+        for key, value in mapped.items():
+            if (
+                data.get(key) is not None
+                and data[key] != value
+                and not (key == "strategy" and data[key] == "ar")
+            ):
+                raise ValueError(
+                    f"speculative_config sets {key}={value!r}, but {key}={data[key]!r} was given too"
+                )
+            data[key] = value
+        return data
 
     @field_validator("strategy")
     @classmethod

@@ -112,10 +112,14 @@ def test_logprobs_are_the_target_models(llm_truncated, prompts):
 
 @pytest.mark.parametrize("strategy", ["draft", "ngram", "suffix", "mtp"])
 def test_sampled_tokens_follow_the_autoregressive_distribution(llm_truncated, strategy):
+    assert_sampled_like_ar(llm_truncated, strategy)
+
+
+def assert_sampled_like_ar(llm: LLM, strategy: str) -> None:
     """Two-sample chi-square on the 2nd and 3rd sampled tokens (the first ones drafts can touch)."""
     # every token id occurs in the prompt, so prompt lookup always finds a 1-gram to draft from
-    start = llm_truncated.tokenizer.encode("def main(self):\n    return self")
-    prompt = np.random.default_rng(0).permutation(llm_truncated.engine.vocab_size).tolist() + start
+    start = llm.tokenizer.encode("def main(self):\n    return self")
+    prompt = np.random.default_rng(0).permutation(llm.engine.vocab_size).tolist() + start
     samples = {}
     for name, first_seed in (("ar", 0), (strategy, 100_000)):  # independent seeds for the two samples
         params = [
@@ -123,7 +127,7 @@ def test_sampled_tokens_follow_the_autoregressive_distribution(llm_truncated, st
             for i in range(8)
         ]
         k = {"num_speculative_tokens": 2} if name != "ar" else None
-        outs = [c for o in llm_truncated.generate([prompt] * 8, params, name, k) for c in o.outputs]
+        outs = [c for o in llm.generate([prompt] * 8, params, name, k) for c in o.outputs]
         if name != "ar":
             assert sum(c.num_accepted for c in outs) > 0
             assert sum(c.num_accepted for c in outs) < sum(c.num_drafted for c in outs)

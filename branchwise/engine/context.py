@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 class StrategyContext:
     """Facts: `config`, `block_size`, `max_model_len`, `device`, `dtype`, `vocab_size`, `tokenizer`,
     `model_config` (the target's HF config), `model_name`, `metrics`, `eos_token_ids`. Queries:
-    `grammars()`, `stop_token_ids(seq)`. Verbs: `add_pool`, `runner`, `spawn`, `pause`, `resume`,
-    `release`, `adopt_kv`, `append`, `finish`."""
+    `grammars()`, `stop_token_ids(seq)`. Verbs: `add_pool`, `runner`, `capture_hidden`, `spawn`, `pause`,
+    `resume`, `release`, `adopt_kv`, `append`, `finish`."""
 
     __slots__ = (
         "_engine",
@@ -74,6 +74,12 @@ class StrategyContext:
                 self.config.max_num_batched_tokens, -(-self.max_model_len // self.block_size)
             )
         return runner
+
+    def capture_hidden(self, layers: list[int]) -> None:
+        """From now on every target forward's `ForwardOutput.aux_hidden` holds the residual stream
+        entering these target layers (EAGLE-3's features), side by side."""
+        e = self._engine
+        e.runner.capture(layers, e.config.max_num_batched_tokens)
 
     # -- sequences --------------------------------------------------------------------------------
     def spawn(self, parent: Sequence, tokens: list[int], generator: torch.Generator, **fields) -> Sequence:

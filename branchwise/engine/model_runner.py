@@ -110,6 +110,26 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.graphs: CudaGraphs | None = None
+        self.aux: torch.Tensor | None = None  # (max tokens, k H) what `capture` keeps, rewritten each forward
+
+    def capture(self, layers: list[int], max_tokens: int) -> None:
+        """Keep the residual stream entering each of `layers` (the previous layer's output), side by side,
+        in one preallocated buffer that every forward overwrites: no second forward, fixed addresses for
+        CUDA graphs (capture before `capture_graphs`)."""
+        hidden = self.model.config.hidden_size
+        param = next(self.model.parameters())
+        rows = max(max_tokens, GRAPH_BUCKETS[-1])
+        self.aux = torch.zeros(rows, len(layers) * hidden, dtype=param.dtype, device=param.device)
+        for k, i in enumerate(layers):
+
+            def keep(module, args, kwargs, k=k) -> None:
+                x = args[0] if args else kwargs["hidden_states"]
+                self.aux[: x.shape[-2], k * hidden : (k + 1) * hidden].copy_(x[0])
+
+            self.decoder.layers[i].register_forward_pre_hook(keep, with_kwargs=True)
+        if self.graphs is not None:  # captured without the hooks: again with them
+            self.graphs = None
+            self.capture_graphs(*self.graph_args)
 
     def pack(self, plans: list[Plan]) -> Packed:
         return pack(plans, self.block_size)
@@ -137,7 +157,8 @@ class ModelRunner:
         else:
             hidden = hidden_all[torch.from_numpy(packed.logit_idx).to(self.device, non_blocking=True)]
         rows, tokens = packed.logits_start.tolist(), packed.query_start[:-1].tolist()
-        return ForwardOutput(self.logits(hidden), hidden, hidden_all, rows, tokens)
+        aux = self.aux[: len(packed.ids)] if self.aux is not None else None
+        return ForwardOutput(self.logits(hidden), hidden, hidden_all, rows, tokens, aux)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, V) float32 logits of final-normed hidden states (the head GEMM via `kernels.linear`)."""
@@ -148,6 +169,7 @@ class ModelRunner:
 
     def capture_graphs(self, max_tokens: int, max_blocks_per_seq: int) -> None:
         """Capture decode-shaped forwards (CUDA + Triton attention only)."""
+        self.graph_args = (max_tokens, max_blocks_per_seq)
         if self.device.type != "cuda" or backend(self.device) != "triton":
             return
         weights = fused_weights(self.model)

@@ -49,6 +49,7 @@ class ForwardOutput:
     hidden_all: torch.Tensor  # (T, H) of every fed token (MTP modules read them)
     logits_rows: list[int]  # plan i's first row in `logits` / `hidden`
     token_rows: list[int]  # plan i's first token's row in `hidden_all`
+    aux_hidden: torch.Tensor | None = None  # (T, k H) residual streams entering captured layers (EAGLE-3)
 
     def of(self, indices: list[int]) -> ForwardOutput:
         """The same tensors, with the rows of the plans at `indices` (a strategy's group) in that order."""

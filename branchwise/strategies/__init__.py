@@ -8,6 +8,7 @@ from importlib.metadata import entry_points
 
 from branchwise.strategies.base import Resources, Strategy
 from branchwise.strategies.draft import DraftStrategy
+from branchwise.strategies.eagle3 import Eagle3Strategy
 from branchwise.strategies.medusa import MedusaStrategy
 from branchwise.strategies.mtp import MTPStrategy
 from branchwise.strategies.multiverse import MultiverseStrategy
@@ -20,6 +21,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "ngram": NgramStrategy,
     "suffix": SuffixStrategy,
     "mtp": MTPStrategy,
+    "eagle3": Eagle3Strategy,
     "medusa": MedusaStrategy,
     "multiverse": MultiverseStrategy,
 }

@@ -43,6 +43,10 @@ class MTPState(Acceptance):
 
 class MTPStrategy(Strategy):
     name = "mtp"
+    needs = (
+        "strategy 'mtp' needs an MTP module: a checkpoint with an MTP layer, `mtp.safetensors` beside the "
+        "model (`branchwise train mtp`), or --mtp-model FILE"
+    )
 
     @classmethod
     def resources(cls, config, model_path, model, dtype, device) -> Resources | None:
@@ -55,14 +59,11 @@ class MTPStrategy(Strategy):
     def __init__(self, ctx: StrategyContext, resources: Resources | None = None) -> None:
         super().__init__(ctx)
         if resources is None:
-            raise ValueError(
-                "strategy 'mtp' needs an MTP module: a checkpoint with an MTP layer, `mtp.safetensors` "
-                "beside the model (`branchwise train mtp`), or --mtp-model FILE"
-            )
+            raise ValueError(self.needs)
         self.module = resources.weights
         self.module.set_attention(ATTENTION_NAME)
         self.pool = ctx.add_pool(*resources.kv_shape)
-        self.hidden_size = ctx.model_config.hidden_size
+        self.feature_width = ctx.model_config.hidden_size  # of the target rows the module reads
         self.k = AdaptiveK(self.name, ctx.config.num_speculative_tokens)
         self.cost = CostModel()
         # block id -> hash of the token prefix its module entries were written for: a prefix-cache hit
@@ -109,7 +110,7 @@ class MTPStrategy(Strategy):
         the module attends to its entries from `first_block` on."""
         st.computed = position
         st.first = position - 1
-        st.hidden = [torch.zeros(1, self.hidden_size, dtype=self.ctx.dtype, device=self.ctx.device)]
+        st.hidden = [torch.zeros(1, self.feature_width, dtype=self.ctx.dtype, device=self.ctx.device)]
         st.first_block = first_block
         st.marked = max(first_block, position // self.ctx.block_size)
 
@@ -140,7 +141,11 @@ class MTPStrategy(Strategy):
             elif have > p.start:  # rows of tokens the target did not keep (rejected drafts)
                 rows = torch.cat(st.hidden)[: p.start - st.first]
                 st.hidden = [rows]
-            st.hidden.append(out.hidden_all[row : row + len(p.tokens)].clone())
+            st.hidden.append(self.features(out)[row : row + len(p.tokens)].clone())
+
+    def features(self, out: ForwardOutput) -> torch.Tensor:
+        """(T, feature_width) what the module reads of every fed token: the final-normed hidden state."""
+        return out.hidden_all
 
     def draft_plan(self, seq: Sequence, depth: int, drafted: list[int], carry) -> Plan:
         st = self.state(seq)
