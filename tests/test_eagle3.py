@@ -238,3 +238,34 @@ def test_vllm_speculative_config_selects_the_strategy_its_weights_and_k(eagle_ta
     llm = LLM(eagle_target, speculative_config=spec)
     assert llm.engine.config.strategy == "eagle3"
     assert llm.engine.resources["eagle3"].path == eagle_target + "/speculators"
+
+
+def test_eagle3_trees_are_exact_for_greedy_requests_and_chains_serve_sampled_ones(eagle_target, prompts):
+    llm = LLM(eagle_target, max_num_batched_tokens=512)
+    ar = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, "ar")]
+    strategy = llm.engine.strategy("eagle3")
+    propose, trees = strategy.propose, []
+
+    def recording(seqs, budgets):
+        plans = propose(seqs, budgets)
+        trees.extend(p.payload for p in plans if p.payload is not None)
+        return plans
+
+    strategy.propose = recording
+    for params in ({"topk": 3, "num_draft_tokens": 12, "num_speculative_tokens": 4}, {"topk": 2}):
+        got = llm.generate(prompts, GREEDY, "eagle3", params)
+        assert [o.outputs[0].token_ids for o in got] == ar
+    assert trees and all(len(t.parent) <= 13 for t in trees[: len(trees) // 2])
+    assert any(len(t.paths) > 1 for t in trees)  # they branch
+    penalized = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.2)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts[:6], penalized, "ar")]
+    got = llm.generate(prompts[:6], penalized, "eagle3", {"topk": 3, "num_speculative_tokens": 3})
+    assert [o.outputs[0].token_ids for o in got] == want
+    trees.clear()
+    sampled = SamplingParams(temperature=0.8, max_tokens=8, seed=3)
+    llm.generate(prompts[:4], sampled, "eagle3", {"topk": 3, "num_speculative_tokens": 3})
+    assert not trees  # sampled requests draft chains
+    tight = LLM(eagle_target, num_blocks=14, max_num_batched_tokens=256)
+    got = tight.generate(prompts, GREEDY, "eagle3", {"topk": 2, "num_speculative_tokens": 3})
+    assert [o.outputs[0].token_ids for o in got] == ar
+    assert tight.engine.blocks.num_available == tight.engine.num_blocks
