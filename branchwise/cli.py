@@ -155,62 +155,34 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
-def cmd_train_eagle3(args: argparse.Namespace) -> None:
+def cmd_train_drafter(args: argparse.Namespace) -> None:
+    """`train mtp`, `train medusa`, `train eagle3`: self-distillation from the model's own completions."""
     from pathlib import Path
 
     from branchwise.models.demo import resolve
-    from branchwise.train.eagle3 import train_eagle3
 
-    info = train_eagle3(
+    if args.train == "mtp":
+        from branchwise.train.mtp import train_mtp as trainer
+
+        extra = {}
+    elif args.train == "medusa":
+        from branchwise.train.medusa import train_medusa as trainer
+
+        extra = {"num_heads": args.num_heads, "num_layers": args.num_layers}
+    else:
+        from branchwise.train.eagle3 import train_eagle3 as trainer
+
+        extra = {"draft_vocab_size": args.draft_vocab_size}
+    info = trainer(
         resolve(args.model),
         Path(args.out) if args.out else None,
         args.minutes,
         args.device,
         args.seed,
-        args.num_prompts,
-        args.max_tokens,
-        args.data,
-        draft_vocab_size=args.draft_vocab_size,
-    )
-    print(json.dumps(info, indent=2))
-
-
-def cmd_train_mtp(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from branchwise.models.demo import resolve
-    from branchwise.train.mtp import train_mtp
-
-    info = train_mtp(
-        resolve(args.model),
-        Path(args.out) if args.out else None,
-        args.minutes,
-        args.device,
-        args.seed,
-        args.num_prompts,
-        args.max_tokens,
-        args.data,
-    )
-    print(json.dumps(info, indent=2))
-
-
-def cmd_train_medusa(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from branchwise.models.demo import resolve
-    from branchwise.train.medusa import train_medusa
-
-    info = train_medusa(
-        resolve(args.model),
-        Path(args.out) if args.out else None,
-        args.minutes,
-        args.device,
-        args.seed,
-        args.num_heads,
-        args.num_layers,
-        args.num_prompts,
-        args.max_tokens,
-        args.data,
+        num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens,
+        data=args.data,
+        **extra,
     )
     print(json.dumps(info, indent=2))
 
@@ -331,18 +303,18 @@ def main(argv: list[str] | None = None) -> None:
     demo.set_defaults(func=cmd_train_demo)
     mtp = train.add_parser("mtp", help="self-distil an MTP module for a frozen model")
     add_self_distillation_args(mtp, "output file (default: mtp.safetensors beside the model)")
-    mtp.set_defaults(func=cmd_train_mtp)
+    mtp.set_defaults(func=cmd_train_drafter)
     eagle3 = train.add_parser("eagle3", help="self-distil an EAGLE-3 drafter for a frozen model")
     add_self_distillation_args(eagle3, "output folder (default: eagle3/ beside the model)")
     eagle3.add_argument(
         "--draft-vocab-size", type=int, default=None, help="draft vocabulary (default: the model's)"
     )
-    eagle3.set_defaults(func=cmd_train_eagle3)
+    eagle3.set_defaults(func=cmd_train_drafter)
     medusa = train.add_parser("medusa", help="self-distil Medusa heads for a frozen model")
     add_self_distillation_args(medusa, "output folder (default: medusa/ beside the model)")
     medusa.add_argument("--num-heads", type=int, default=4)
     medusa.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
-    medusa.set_defaults(func=cmd_train_medusa)
+    medusa.set_defaults(func=cmd_train_drafter)
     ev = train.add_parser("eval-demo", help="accuracy of the demo model on held-out tasks")
     ev.add_argument("--model", default="demo")
     ev.add_argument("--tasks", type=int, default=200)

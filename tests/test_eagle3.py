@@ -269,3 +269,40 @@ def test_eagle3_trees_are_exact_for_greedy_requests_and_chains_serve_sampled_one
     got = tight.generate(prompts, GREEDY, "eagle3", {"topk": 2, "num_speculative_tokens": 3})
     assert [o.outputs[0].token_ids for o in got] == ar
     assert tight.engine.blocks.num_available == tight.engine.num_blocks
+
+
+def test_training_writes_a_drafter_in_the_authors_layout_that_serves(tmp_path, spec_target, prompts):
+    from branchwise.train.eagle3 import train_eagle3
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(spec_target, model_dir)
+    info = train_eagle3(
+        str(model_dir), minutes=0.3, device="cpu", num_prompts=16, max_tokens=24, draft_vocab_size=300
+    )
+    folder = model_dir / "eagle3"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 300
+    assert info["steps"] > 0 and json.loads((folder / "training.json").read_text())["steps"] == info["steps"]
+    llm = LLM(str(model_dir), max_num_batched_tokens=256)
+    ar = [o.outputs[0].token_ids for o in llm.generate(prompts[:4], GREEDY, "ar")]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts[:4], GREEDY, "eagle3")] == ar
+
+
+def test_the_demo_head_is_lossless_and_accepted_in_chains_and_trees():
+    """The shipped drafter on held-out chat prompts (benchmarks/data/chat.jsonl; its training prompts came
+    from another seed): greedy == ar, mean accepted length (tokens per target step) >= 2 at depth 3."""
+    from branchwise.bench.datasets import load_records
+    from branchwise.models.demo import ASSET_DIR
+
+    llm = LLM(max_num_batched_tokens=512)
+    assert llm.engine.resources["eagle3"].path == str(ASSET_DIR / "eagle3")
+    chats = [llm.chat_prompt(r["messages"]) for r in load_records("chat")[:16]]
+    params = SamplingParams(temperature=0, max_tokens=96)
+    ar = [o.outputs[0].token_ids for o in llm.generate(chats, params, "ar")]
+    for spec in (
+        {"num_speculative_tokens": 3},
+        {"num_speculative_tokens": 3, "topk": 3, "num_draft_tokens": 12},
+    ):
+        outs = [o.outputs[0] for o in llm.generate(chats, params, "eagle3", spec)]
+        assert [o.token_ids for o in outs] == ar
+        assert 1 + sum(o.num_accepted for o in outs) / sum(o.num_draft_steps for o in outs) >= 2.0

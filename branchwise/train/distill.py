@@ -8,13 +8,17 @@ less likely continuations); `fit` runs the module's AdamW loop over those rows w
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 SEQ_LEN = 256
 
@@ -109,3 +113,62 @@ def fit(
         bar.update(1)
     bar.close()
     return history
+
+
+@dataclass
+class Distillation:
+    """What a trainer starts from: the frozen model (float32, SDPA) and the rows it wrote itself."""
+
+    base: torch.nn.Module
+    rows: list[list[int]]
+    num_prompts: int
+    device: torch.device
+    started: float  # time.monotonic() at the start, generation included
+    generate_s: float
+
+    def seconds_left(self, minutes: float) -> float:
+        return minutes * 60 - (time.monotonic() - self.started)
+
+    def record(
+        self, model_path: str, seed: int, minutes: float, history: list[float], batch_size: int
+    ) -> dict:
+        """The fields every trainer's JSON record of its run has."""
+        return {
+            "model": str(model_path),
+            "seed": seed,
+            "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+            "minutes": minutes,
+            "prompts": self.num_prompts,
+            "tokens": sum(map(len, self.rows)),
+            "generate_s": round(self.generate_s, 1),
+            "steps": len(history),
+            "batch_size": batch_size,
+            "final_loss": sum(history[-50:]) / max(1, len(history[-50:])),
+            "elapsed_s": round(time.monotonic() - self.started, 1),
+        }
+
+
+def prepare(
+    model_path: str,
+    data: str | None,
+    num_prompts: int,
+    prompt_seed: int,
+    max_tokens: int,
+    device: str,
+    seed: int,
+) -> Distillation:
+    """The model completes the prompts (`data`, else demo tasks from `prompt_seed`), then loads frozen."""
+    from transformers import AutoModelForCausalLM
+
+    from branchwise.models.loader import resolve_device
+
+    started = time.monotonic()
+    dev = resolve_device(device)
+    prompts = read_prompts(data) if data else demo_prompts(num_prompts, prompt_seed)
+    rows = self_generate(model_path, prompts, max_tokens, str(dev), seed)
+    generate_s = time.monotonic() - started
+    log.info("self-generated %d rows (%d tokens) in %.0fs", len(rows), sum(map(len, rows)), generate_s)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+    base = base.to(dev).eval().requires_grad_(False)
+    return Distillation(base, rows, len(prompts), dev, started, generate_s)

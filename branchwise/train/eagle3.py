@@ -14,18 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from branchwise.models.eagle3 import FOLDER, Eagle3Drafter, default_aux_layers, save_eagle3
-from branchwise.models.loader import decoder_of, resolve_device
-from branchwise.train.distill import demo_prompts, fit, read_prompts, self_generate
+from branchwise.models.loader import decoder_of
+from branchwise.train.distill import fit, prepare
 
 log = logging.getLogger(__name__)
 
@@ -162,48 +160,27 @@ def train_eagle3(
 ) -> dict:
     """Train an EAGLE-3 drafter for the model at `model_path` within `minutes`; writes `out` (default:
     eagle3/ beside the model) with a JSON record of the run."""
-    start = time.monotonic()
-    dev = resolve_device(device)
     out = out or Path(model_path) / FOLDER
-    prompts = read_prompts(data) if data else demo_prompts(num_prompts, seed + 11)
-    rows = self_generate(model_path, prompts, max_tokens, str(dev), seed)
-    generated_s = time.monotonic() - start
-    log.info("self-generated %d rows (%d tokens) in %.0fs", len(rows), sum(map(len, rows)), generated_s)
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
-    base = base.to(dev).eval().requires_grad_(False)
-    vocab = base.config.vocab_size
-    draft_ids = draft_vocabulary(rows, min(draft_vocab_size or vocab, vocab), vocab)
-    drafter = new_drafter(base, draft_ids).to(dev).train()
-    pad = base.config.pad_token_id or 0
-    seconds = minutes * 60 - (time.monotonic() - start)
+    run = prepare(model_path, data, num_prompts, seed + 11, max_tokens, device, seed)
+    vocab = run.base.config.vocab_size
+    draft_ids = draft_vocabulary(run.rows, min(draft_vocab_size or vocab, vocab), vocab)
+    drafter = new_drafter(run.base, draft_ids).to(run.device).train()
     history = fit(
         drafter,
-        lambda ids, valid: eagle3_loss(base, drafter, ids, valid),
-        rows,
-        pad,
-        seconds,
+        lambda ids, valid: eagle3_loss(run.base, drafter, ids, valid),
+        run.rows,
+        run.base.config.pad_token_id or 0,
+        run.seconds_left(minutes),
         batch_size,
         lr,
         seed,
         "eagle3 drafter",
     )
     save_eagle3(drafter.eval(), out)
-    info = {
-        "model": str(model_path),
-        "seed": seed,
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        "minutes": minutes,
-        "prompts": len(prompts),
-        "tokens": sum(map(len, rows)),
+    info = run.record(model_path, seed, minutes, history, batch_size)
+    info |= {
         "draft_vocab_size": len(draft_ids),
-        "generate_s": round(generated_s, 1),
-        "steps": len(history),
-        "batch_size": batch_size,
         "drafter_params": sum(p.numel() for p in drafter.parameters()),
-        "final_loss": sum(history[-50:]) / max(1, len(history[-50:])),
-        "elapsed_s": round(time.monotonic() - start, 1),
     }
     (out / "training.json").write_text(json.dumps(info, indent=2))
     return info

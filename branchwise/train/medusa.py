@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
-from branchwise.models.loader import decoder_of, resolve_device
+from branchwise.models.loader import decoder_of
 from branchwise.models.medusa import MedusaHeads, save_heads
-from branchwise.train.distill import demo_prompts, fit, pad_batch, read_prompts, self_generate
+from branchwise.train.distill import fit, pad_batch, prepare
 
 log = logging.getLogger(__name__)
 
@@ -74,28 +72,19 @@ def train_medusa(
 ) -> dict:
     """Train Medusa heads for the model at `model_path` within `minutes`; writes the heads' folder `out`
     (default: medusa/ beside the model) with a JSON record of the run."""
-    start = time.monotonic()
-    dev = resolve_device(device)
     out = out or Path(model_path) / "medusa"
-    prompts = read_prompts(data) if data else demo_prompts(num_prompts, seed + 11)
-    rows = self_generate(model_path, prompts, max_tokens, str(dev), seed)
-    generated_s = time.monotonic() - start
-    log.info("self-generated %d rows (%d tokens) in %.0fs", len(rows), sum(map(len, rows)), generated_s)
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
-    base = base.to(dev).eval().requires_grad_(False)
+    run = prepare(model_path, data, num_prompts, seed + 11, max_tokens, device, seed)
+    base, dev = run.base, run.device
     heads = new_heads(base, num_heads, num_layers).to(dev).train()
     pad = base.config.pad_token_id or 0
-    held = rows[: max(1, len(rows) // 20)]  # agreement is reported on rows the heads never train on
-    rows = rows[len(held) :]
-    seconds = minutes * 60 - (time.monotonic() - start)
+    held = run.rows[: max(1, len(run.rows) // 20)]  # agreement is reported on rows the heads never train on
+    run.rows = run.rows[len(held) :]
     history = fit(
         heads,
         lambda ids, valid: medusa_loss(base, heads, ids, valid)[0],
-        rows,
+        run.rows,
         pad,
-        seconds,
+        run.seconds_left(minutes),
         batch_size,
         lr,
         seed,
@@ -112,22 +101,12 @@ def train_medusa(
                 / len(held)
             )
     save_heads(heads, out, str(model_path))
-    info = {
-        "model": str(model_path),
-        "seed": seed,
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        "minutes": minutes,
-        "prompts": len(prompts),
-        "tokens": sum(map(len, rows)),
-        "generate_s": round(generated_s, 1),
-        "steps": len(history),
-        "batch_size": batch_size,
+    info = run.record(model_path, seed, minutes, history, batch_size)
+    info |= {
         "num_heads": num_heads,
         "num_layers": num_layers,
         "head_params": sum(p.numel() for p in heads.parameters()),
-        "final_loss": sum(history[-50:]) / max(1, len(history[-50:])),
         "held_out_top1_agreement": [round(a, 4) for a in agree.tolist()],
-        "elapsed_s": round(time.monotonic() - start, 1),
     }
     (out / "training.json").write_text(json.dumps(info, indent=2))
     return info

@@ -12,16 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
-from branchwise.models.loader import decoder_of, resolve_device
+from branchwise.models.loader import decoder_of
 from branchwise.models.mtp import OWN_FILE, MTPModule, save_mtp
-from branchwise.train.distill import demo_prompts, fit, read_prompts, self_generate
+from branchwise.train.distill import fit, prepare
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +73,16 @@ def train_mtp(
 ) -> dict:
     """Train an MTP module for the model at `model_path` within `minutes`; writes `out` (default:
     mtp.safetensors beside the model) and a JSON record of the run beside it."""
-    start = time.monotonic()
-    dev = resolve_device(device)
     out = out or Path(model_path) / OWN_FILE
-    prompts = read_prompts(data) if data else demo_prompts(num_prompts, seed + 7)
-    rows = self_generate(model_path, prompts, max_tokens, str(dev), seed)
-    generated_s = time.monotonic() - start
-    log.info("self-generated %d rows (%d tokens) in %.0fs", len(rows), sum(map(len, rows)), generated_s)
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
-    base = base.to(dev).eval().requires_grad_(False)
-    module = new_module(base).to(dev).train()
+    run = prepare(model_path, data, num_prompts, seed + 7, max_tokens, device, seed)
+    module = new_module(run.base).to(run.device).train()
     module.set_attention("sdpa")
-    pad = base.config.pad_token_id or 0
-    seconds = minutes * 60 - (time.monotonic() - start)
     history = fit(
         module,
-        lambda ids, valid: mtp_loss(base, module, ids, valid),
-        rows,
-        pad,
-        seconds,
+        lambda ids, valid: mtp_loss(run.base, module, ids, valid),
+        run.rows,
+        run.base.config.pad_token_id or 0,
+        run.seconds_left(minutes),
         batch_size,
         lr,
         seed,
@@ -103,19 +90,7 @@ def train_mtp(
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_mtp(module.eval(), out)
-    info = {
-        "model": str(model_path),
-        "seed": seed,
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        "minutes": minutes,
-        "prompts": len(prompts),
-        "tokens": sum(map(len, rows)),
-        "generate_s": round(generated_s, 1),
-        "steps": len(history),
-        "batch_size": batch_size,
-        "module_params": sum(p.numel() for p in module.parameters()),
-        "final_loss": sum(history[-50:]) / max(1, len(history[-50:])),
-        "elapsed_s": round(time.monotonic() - start, 1),
-    }
+    info = run.record(model_path, seed, minutes, history, batch_size)
+    info["module_params"] = sum(p.numel() for p in module.parameters())
     out.with_suffix(".json").write_text(json.dumps(info, indent=2))
     return info
