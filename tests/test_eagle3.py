@@ -213,9 +213,14 @@ def test_training_time_test_passes_attend_as_drafting_does(spec_target):
                 assert torch.allclose(outs[2][:, j], step[:, j], atol=1e-5)
 
 
-def test_a_folder_of_another_kind_is_a_clear_error(spec_target):
+def test_a_folder_of_another_kind_or_for_other_layers_is_a_clear_error(tmp_path, spec_target):
     with pytest.raises(ValueError, match="not an EAGLE-3 drafter"):
         LLM(spec_target, eagle_model=spec_target + "/draft")
+    drafter = random_drafter(AutoModelForCausalLM.from_pretrained(spec_target), 4)
+    drafter.aux_layers = [0, 1, 2]  # the target has 2 layers
+    save_eagle3(drafter, tmp_path / "deep")
+    with pytest.raises(ValueError, match="must name target layers 0..1"):
+        LLM(spec_target, eagle_model=str(tmp_path / "deep"))
 
 
 def test_vllm_speculative_config_selects_the_strategy_its_weights_and_k(eagle_target):

@@ -127,8 +127,9 @@ class ModelRunner:
                 self.aux[: x.shape[-2], k * hidden : (k + 1) * hidden].copy_(x[0])
 
             self.decoder.layers[i].register_forward_pre_hook(keep, with_kwargs=True)
-        if self.graphs is not None:  # captured without the hooks: again with them
+        if self.graphs is not None:  # captured without the hooks: again with them, compiled afresh
             self.graphs = None
+            torch._dynamo.reset()  # dynamo does not guard on hooks added after compiling
             self.capture_graphs(*self.graph_args)
 
     def pack(self, plans: list[Plan]) -> Packed:

@@ -180,6 +180,12 @@ def load_eagle3(target: nn.Module, folder: str) -> Eagle3Drafter:
             f"{folder}: not an EAGLE-3 drafter for this model (missing {missing[:4]}, unexpected "
             f"{unexpected[:4]})"
         )
+    layers = target.config.num_hidden_layers
+    if not all(0 <= i < layers for i in drafter.aux_layers):
+        raise ValueError(
+            f"{folder}: eagle_aux_hidden_state_layer_ids {drafter.aux_layers} must name target layers "
+            f"0..{layers - 1} (the residual stream entering each)"
+        )
     width = drafter.fc.weight.shape[1]
     if width != len(drafter.aux_layers) * target.config.hidden_size:
         raise ValueError(

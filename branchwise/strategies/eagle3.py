@@ -88,28 +88,30 @@ class Eagle3Strategy(MTPStrategy):
         return super().lookahead(seq) if shape is None else shape[2]
 
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
-        trees = [
-            i for i, (s, b) in enumerate(zip(seqs, budgets, strict=True)) if b > 2 and self._tree_shape(s)
-        ]
-        chains = [i for i in range(len(seqs)) if i not in set(trees)]
+        shapes = [self._tree_shape(s) if b > 2 else None for s, b in zip(seqs, budgets, strict=True)]
+        trees = [i for i, shape in enumerate(shapes) if shape is not None]  # decided once: drafting
+        chains = [i for i, shape in enumerate(shapes) if shape is None]  # chains moves the cost model
         plans: list[Plan | None] = [None] * len(seqs)
         if chains:
             found = draft_chains(self.ctx, self, [seqs[i] for i in chains], [budgets[i] for i in chains])
             for i, p in zip(chains, found, strict=True):
                 plans[i] = p
         if trees:
-            found = self._draft_trees([seqs[i] for i in trees], [budgets[i] for i in trees])
+            found = self._draft_trees(
+                [seqs[i] for i in trees], [budgets[i] for i in trees], [shapes[i] for i in trees]
+            )
             for i, p in zip(trees, found, strict=True):
                 plans[i] = p
         self.k.drafting |= any(p.drafts for p in plans)
         return plans
 
     @torch.inference_mode()
-    def _draft_trees(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
+    def _draft_trees(
+        self, seqs: list[Sequence], budgets: list[int], shapes: list[tuple[int, int, int]]
+    ) -> list[Plan]:
         """EAGLE-2 dynamic trees, one batched drafter forward per depth (see the module docstring)."""
-        shapes = [self._tree_shape(s) for s in seqs]
         logits, carried = self.draft_forward([self.draft_plan(s, 0, [], None) for s in seqs])
-        logp = torch.log_softmax(logits.float(), -1)
+        top = self._top(logits, max(s[0] for s in shapes))
         # per sequence: nodes as (cumulative logp, token, parent index (0: the root), depth); the inputs of
         # expanded nodes; which nodes are expanded (fed), in order
         nodes: list[list[tuple[float, int, int, int]]] = [[] for _ in seqs]
@@ -119,7 +121,7 @@ class Eagle3Strategy(MTPStrategy):
         limit = [min(b - 1, shape[2]) for b, shape in zip(budgets, shapes, strict=True)]
         threshold = self.k.threshold(self.draft_cost())
         for b, (topk, _, _) in enumerate(shapes):
-            self._expand(nodes[b], frontier[b], inputs[b], logp[b], carried[b], 0, 0.0, topk)
+            self._expand(nodes[b], frontier[b], inputs[b], top[b], carried[b], 0, 0.0, topk)
         for depth in range(1, max(s[1] for s in shapes)):
             active = [b for b, s in enumerate(shapes) if depth < min(s[1], limit[b] // s[0]) and frontier[b]]
             if not active:
@@ -132,22 +134,27 @@ class Eagle3Strategy(MTPStrategy):
                 frontier[b] = []
                 plans.append(self._tree_step(seqs[b], nodes[b], fed[b], inputs[b], len(best)))
             logits, carried = self.draft_forward(plans)
-            logp = torch.log_softmax(logits.float(), -1)
+            top = self._top(logits, max(shapes[b][0] for b in active))
             row = 0
             for b, plan in zip(active, plans, strict=True):
                 for n in fed[b][-plan.num_logits :]:
                     cum = nodes[b][n - 1][0]
                     self._expand(
-                        nodes[b], frontier[b], inputs[b], logp[row], carried[row], n, cum, shapes[b][0]
+                        nodes[b], frontier[b], inputs[b], top[row], carried[row], n, cum, shapes[b][0]
                     )
                     row += 1
         return [self._final(s, nodes[b], limit[b], threshold) for b, s in enumerate(seqs)]
 
-    def _expand(self, nodes, frontier, inputs, logp, hidden, parent: int, cum: float, topk: int) -> None:
-        """The `topk` children of node `parent` (0: the root) from its entry's log-probabilities."""
-        values, tokens = logp.topk(topk)
+    @staticmethod
+    def _top(logits: torch.Tensor, k: int) -> list[list[tuple[float, int]]]:
+        """Each row's k best (log-probability, token): one top-k and one device-to-host copy per depth."""
+        values, tokens = torch.log_softmax(logits.float(), -1).topk(k)
+        return [list(zip(v, t, strict=True)) for v, t in zip(values.tolist(), tokens.tolist(), strict=True)]
+
+    def _expand(self, nodes, frontier, inputs, top, hidden, parent: int, cum: float, topk: int) -> None:
+        """The `topk` children of node `parent` (0: the root) from its entry's best tokens."""
         depth = nodes[parent - 1][3] + 1 if parent else 1
-        for v, t in zip(values.tolist(), tokens.tolist(), strict=True):
+        for v, t in top[:topk]:
             nodes.append((cum + v, t, parent, depth))
             frontier.append(len(nodes))
             inputs[len(nodes)] = hidden  # a child's entry reads its parent's output
@@ -212,6 +219,7 @@ class Eagle3Strategy(MTPStrategy):
             verdicts[i] = v
             p, st = plans[i], self.state(plans[i].seq)
             self.k.observe(st, int(p.payload.depth.max()), len(v.tokens) - 1)
-            st.hidden[-1] = st.hidden[-1][v.kv_keep]  # the target rows of the kept tokens, in order
+            # the target rows of the kept tokens, in order (a new list: a retry's snapshot holds the old one)
+            st.hidden = [*st.hidden[:-1], st.hidden[-1][v.kv_keep]]
             st.computed = min(st.computed, p.start + 1)  # entries after the root: recomputed from features
         return verdicts

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 DEFAULTS = {"num_speculative_tokens": 24, "max_tree_depth": 24, "max_spec_factor": 1.0, "min_token_prob": 0.1}
 MAX_NODES = 64  # the largest tree a request may ask for
+RECENT = 4096  # occurrences of the last token searched: the most recent (bounds a step's work)
+COUNTED = 256  # occurrences through a node whose continuations are counted: the most recent
 
 
 @dataclass
@@ -53,18 +55,30 @@ class Prompt:
     """A sequence's own tokens as a corpus (its last token, the context's end, is no earlier occurrence)."""
 
     def __init__(self) -> None:
-        self.tokens = np.empty(0, dtype=np.int32)
+        self.buffer = np.empty(256, dtype=np.int32)  # grows by doubling: appending is amortised O(1)
+        self.length = 0
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.buffer[: self.length]
 
     def update(self, token_ids: list[int]) -> None:
-        if len(token_ids) != len(self.tokens):
-            self.tokens = np.concatenate([self.tokens, np.asarray(token_ids[len(self.tokens) :], np.int32)])
+        new = token_ids[self.length :]
+        if not new:
+            return
+        if self.length + len(new) > len(self.buffer):
+            grown = np.empty(max(2 * len(self.buffer), self.length + len(new)), dtype=np.int32)
+            grown[: self.length] = self.tokens
+            self.buffer = grown
+        self.buffer[self.length : self.length + len(new)] = new
+        self.length += len(new)
 
     def occurrences(self, token: int) -> np.ndarray:
         return np.flatnonzero(self.tokens[:-1] == token)
 
     def at(self, pos: np.ndarray) -> np.ndarray:
-        ok = (pos >= 0) & (pos < len(self.tokens))
-        return np.where(ok, self.tokens[np.where(ok, pos, 0)], -1)
+        ok = (pos >= 0) & (pos < self.length)
+        return np.where(ok, self.buffer[np.where(ok, pos, 0)], -1)
 
 
 class SuffixCache:
@@ -141,7 +155,7 @@ class SuffixCache:
 def matches(corpus, context: np.ndarray, max_len: int) -> list[np.ndarray]:
     """ends[m - 1]: the positions where an occurrence of the context's last m tokens ends, for m = 1, ...
     while there are any (a shorter suffix occurs wherever a longer one does)."""
-    ends = corpus.occurrences(int(context[-1]))
+    ends = corpus.occurrences(int(context[-1]))[-RECENT:]
     found = []
     for m in range(1, min(max_len, len(context)) + 1):
         if m > 1:
@@ -160,7 +174,7 @@ def grow(corpus, ends: np.ndarray, max_nodes: int, max_depth: int, min_prob: flo
     def expand(pos: np.ndarray, prob: float, node: int, depth: int) -> None:
         if depth >= max_depth:
             return
-        after = pos + 1
+        after = pos[-COUNTED:] + 1  # continuation shares estimated from the most recent occurrences
         tokens = corpus.at(after)
         keep = tokens >= 0
         if not keep.any():
@@ -168,8 +182,8 @@ def grow(corpus, ends: np.ndarray, max_nodes: int, max_depth: int, min_prob: flo
         after, tokens = after[keep], tokens[keep]
         values, inverse, counts = np.unique(tokens, return_inverse=True, return_counts=True)
         ranked = np.argsort(-counts, kind="stable")
-        for k in ranked if tree else ranked[:1]:
-            p = prob * float(counts[k]) / len(pos)  # pos counts the occurrences that end here too
+        for k in ranked[:max_nodes] if tree else ranked[:1]:
+            p = prob * float(counts[k]) / min(len(pos), COUNTED)  # counting the occurrences that end here
             if p < min_prob:
                 break
             heapq.heappush(heap, (-p, next(order), int(values[k]), after[inverse == k], node, depth + 1))
@@ -217,6 +231,11 @@ class SuffixStrategy(Strategy):
         super().__init__(ctx)
         self.k = AdaptiveK(self.name, MAX_NODES)  # its plain steps, cost threshold and penalty
         self.cache = SuffixCache(ctx.config.suffix_max_cached_requests, ctx.config.suffix_max_cached_tokens)
+        self.defaults = dict(DEFAULTS)
+        if (
+            "num_speculative_tokens" in ctx.config.model_fields_set
+        ):  # --num-speculative-tokens, or vLLM's config
+            self.defaults["num_speculative_tokens"] = ctx.config.num_speculative_tokens
 
     def parse_params(self, params: dict) -> dict:
         """`num_speculative_tokens` (most tree nodes; fixed, no cost rule), `max_tree_depth`,
@@ -249,7 +268,7 @@ class SuffixStrategy(Strategy):
         key = (self.k.stats.step, seq.num_tokens)
         if st.draft_key != key:
             st.prompt.update(seq.token_ids)
-            params = DEFAULTS | seq.strategy_params
+            params = self.defaults | seq.strategy_params
             fixed = "num_speculative_tokens" in seq.strategy_params
             left = (seq.params.max_tokens or self.ctx.max_model_len) - seq.num_output_tokens
             room = min(left - 1, self.ctx.max_model_len - seq.num_tokens - 1)
