@@ -445,3 +445,38 @@ def test_echo_and_prompt_logprobs_equal_a_dense_forward(tiny_llama):
             ranks = [scored[i + 1][str(ids[i + 1])]["rank"] for i in range(len(ids) - 1)]
             assert ranks == [int((dense[i] > dense[i, ids[i + 1]]).sum()) + 1 for i in range(len(ids) - 1)]
         wait_until_free(base_url)
+
+
+def test_sglang_router_fields_are_honoured_or_refused(server, client, offline):
+    """What SGLang's router adds to every request: its defaults are served, the rest honoured or a 400."""
+    base = server[0]
+    prompt = "def parse(self, text):"
+    plain = offline.generate(offline.encode(prompt), SamplingParams(temperature=0, max_tokens=12))
+    text = plain[0].outputs[0].text
+    stop = text[4:7]
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": [stop]}
+    trimmed = httpx.post(base + "/v1/completions", json=body | {"no_stop_trim": False}).json()
+    kept = httpx.post(base + "/v1/completions", json=body | {"no_stop_trim": True}).json()
+    assert kept["choices"][0]["text"] == trimmed["choices"][0]["text"] + stop  # == include_stop_str_in_output
+    router_defaults = {
+        "no_stop_trim": False,
+        "ignore_eos": False,
+        "continue_final_message": False,
+        "skip_special_tokens": True,
+        "separate_reasoning": True,
+        "stream_reasoning": True,
+        "return_hidden_states": False,
+        "max_completion_tokens": 4,
+    }
+    chat = {"messages": [{"role": "user", "content": "hi"}]} | router_defaults
+    assert httpx.post(base + "/v1/chat/completions", json=chat).status_code == 200
+    bad = httpx.post(base + "/v1/chat/completions", json=chat | {"return_hidden_states": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "return_hidden_states"
+    both = httpx.post(base + "/v1/chat/completions", json=chat | {"continue_final_message": True})
+    assert both.status_code == 400 and "add_generation_prompt" in both.json()["error"]["message"]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "def f(x"}]
+    cont = chat | {"messages": messages, "continue_final_message": True, "add_generation_prompt": False}
+    want = offline.tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    got = httpx.post(base + "/tokenize", json={"prompt": want}).json()["count"]
+    usage = httpx.post(base + "/v1/chat/completions", json=cont).json()["usage"]
+    assert usage["prompt_tokens"] == got  # the last message extended, not closed

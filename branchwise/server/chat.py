@@ -80,6 +80,7 @@ def plan_chat(
     tool_call_parser: str | None = "auto",
     reasoning_parser: str | None = None,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> ChatPlan:
     """Render the conversation and build its grammar; ValueError (a 400) for what cannot be done."""
     try:
@@ -87,6 +88,7 @@ def plan_chat(
             template_messages(messages),
             tools=tools or None,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             tokenize=False,
             **(template_kwargs or {}),
         )
@@ -192,6 +194,12 @@ async def create_chat_completion(s: Serving, req: ChatCompletionRequest, request
     for m in req.messages:
         s.check_length(m.content or "", "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if s.engine.config.reasoning_parser:
+        for flag in ("separate_reasoning", "stream_reasoning"):
+            if not getattr(req, flag):
+                raise APIError(
+                    400, f"`{flag}: false` is not supported: reasoning is always split", param=flag
+                )
     try:
         params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs)
         fmt, param = req.constraint()
@@ -207,6 +215,7 @@ async def create_chat_completion(s: Serving, req: ChatCompletionRequest, request
             config.tool_call_parser,
             config.reasoning_parser,
             req.add_generation_prompt,
+            req.continue_final_message,
         )
     except ValueError as e:
         raise APIError(400, str(e), param=getattr(e, "param", None) or "messages") from e

@@ -76,7 +76,9 @@ class _SamplingFields(Strict):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
+    no_stop_trim: bool = False  # SGLang's name for include_stop_str_in_output (its router sends it)
     skip_special_tokens: bool = True
+    return_hidden_states: bool = False  # SGLang's; only its default is served
     stream: bool = False
     stream_options: StreamOptions | None = None
     strategy: StrategyChoice | str | None = None
@@ -94,6 +96,13 @@ class _SamplingFields(Strict):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+
+    @field_validator("return_hidden_states")
+    @classmethod
+    def _no_hidden_states(cls, v):
+        if v:
+            raise ValueError("return_hidden_states is not supported")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -163,7 +172,7 @@ class _SamplingFields(Strict):
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
-            include_stop_str_in_output=self.include_stop_str_in_output,
+            include_stop_str_in_output=self.include_stop_str_in_output or self.no_stop_trim,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
@@ -283,6 +292,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # extend the last (assistant) message instead of starting one
+    # SGLang's reasoning switches (its router sends the defaults): off is refused where a parser is on
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -290,6 +303,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _tools(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt: false")
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) < len(names):
             raise ValueError("tools: function names must be unique")

@@ -1,0 +1,85 @@
+"""Replicas: two `branchwise serve` processes behind SGLang's cache-aware router, on loopback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{url} exited"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def served(url: str) -> float:
+    """Requests a replica finished, from its own /metrics."""
+    text = httpx.get(url + "/metrics").text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("branchwise:request_success_total")
+    )
+
+
+def test_two_replicas_behind_the_router_serve_and_survive_one_dying(tiny_llama):
+    pytest.importorskip("sglang_router")
+    procs, workers = [], []
+    try:
+        for _ in range(2):
+            port = free_port()
+            cmd = [
+                "branchwise",
+                "serve",
+                tiny_llama,
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--log-level",
+                "warning",
+            ]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            workers.append(f"http://127.0.0.1:{port}")
+        for url, proc in zip(workers, procs, strict=True):
+            wait_healthy(url, proc)
+        port = free_port()
+        router = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *workers]
+        router += ["--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin"]
+        router += ["--prometheus-port", str(free_port()), "--log-level", "warn"]
+        procs.append(subprocess.Popen(router, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, procs[-1], 60)
+        client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        body = dict(model=tiny_llama, max_tokens=8, temperature=0)
+        want = [client.completions.create(prompt=f"def f{i}(x):", **body).choices[0].text for i in range(8)]
+        assert all(served(w) > 0 for w in workers)  # both replicas took requests
+        chat = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **body)
+        assert chat.choices[0].message.content is not None  # the router's SGLang fields are accepted
+        procs[1].kill()
+        procs[1].wait()
+        again = [client.completions.create(prompt=f"def f{i}(x):", **body).choices[0].text for i in range(8)]
+        assert again == want  # every request still answered, by the surviving replica
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
