@@ -94,6 +94,8 @@ class Eagle3Drafter(nn.Module):
         self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
         self.register_buffer("t2d", torch.ones(tc.vocab_size, dtype=torch.bool))
+        # target id of each draft id (draft + d2t), set once the weights are in: not rebuilt every step
+        self.register_buffer("target_ids", torch.arange(draft_vocab), persistent=False)
         self.embed_tokens: nn.Embedding | None = None  # the target's unless loaded
         self.rotary = LlamaRotaryEmbedding(config)
         self.config = config
@@ -142,7 +144,7 @@ class Eagle3Drafter(nn.Module):
         value (never drafted, unless a grammar allows nothing else: then no NaN)."""
         small = self.draft_logits(x)
         full = small.new_full((*small.shape[:-1], self.t2d.shape[0]), torch.finfo(small.dtype).min)
-        full[..., torch.arange(small.shape[-1], device=small.device) + self.d2t] = small
+        full[..., self.target_ids] = small
         return full
 
 
@@ -191,6 +193,7 @@ def load_eagle3(target: nn.Module, folder: str) -> Eagle3Drafter:
         raise ValueError(
             f"{folder}: fc reads {width} features; the target gives 3 x {target.config.hidden_size}"
         )
+    drafter.target_ids = torch.arange(len(drafter.d2t)) + drafter.d2t
     param = next(target.parameters())
     return drafter.to(param.device, param.dtype).eval().requires_grad_(False)
 

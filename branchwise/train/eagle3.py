@@ -67,6 +67,7 @@ def new_drafter(base: torch.nn.Module, draft_ids: list[int]) -> Eagle3Drafter:
         ids = torch.tensor(draft_ids)
         drafter.lm_head.weight.copy_(base.get_output_embeddings().weight[ids])
         drafter.d2t.copy_(ids - torch.arange(len(ids)))
+        drafter.target_ids.copy_(ids)
         drafter.t2d.zero_()
         drafter.t2d[ids] = True
     return drafter
