@@ -32,7 +32,8 @@ def add_config_args(parser: argparse.ArgumentParser, config: type[BaseModel]) ->
             )
             continue
         typ = int if kind in (int, int | None) else float if kind in (float, float | None) else str
-        parser.add_argument(flag, dest=name, type=typ, default=None, help=text)
+        flags = [flag, "-tp"] if name == "tensor_parallel_size" else [flag]  # vLLM's and SGLang's short flag
+        parser.add_argument(*flags, dest=name, type=typ, default=None, help=text)
 
 
 def check_model(name: str) -> None:

@@ -88,6 +88,12 @@ class EngineConfig(BaseModel):
     reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
         None, description="split <think> text into reasoning_content / reasoning (default: no splitting)"
     )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="ranks the target model is split over (torch.distributed: NCCL on GPUs, gloo on CPU); "
+        "the engine starts the other ranks itself",
+    )
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
     prefix_cache: bool = Field(True, description="share the KV blocks of common prompt prefixes")
 

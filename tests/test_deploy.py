@@ -83,3 +83,40 @@ def test_two_replicas_behind_the_router_serve_and_survive_one_dying(tiny_llama):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def serve_two_ranks(model: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = ["branchwise", "serve", model, "-tp", "2", "--port", str(port), "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc)
+    return proc, url
+
+
+def test_serve_on_two_ranks_answers_and_every_rank_exits_with_the_server(tiny_llama):
+    import psutil
+
+    from branchwise import LLM, SamplingParams
+
+    want = LLM(tiny_llama).generate("def f(x):", SamplingParams(max_tokens=16, temperature=0))
+    proc, url = serve_two_ranks(tiny_llama)
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        assert len(ranks) == 1  # rank 1; rank 0 is the server's own process
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model=tiny_llama, prompt="def f(x):", max_tokens=16, temperature=0)
+        assert got.choices[0].text == want[0].outputs[0].text
+        proc.terminate()  # a clean stop: the server tells every rank to stop and waits for it
+        proc.wait(60)  # (uvicorn re-raises SIGTERM once it has shut down: the code is -15 either way)
+        assert not any(r.is_running() for r in ranks)  # gone before the server, not a second later
+    finally:
+        proc.kill()
+    proc, url = serve_two_ranks(tiny_llama)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()  # no clean stop: each rank notices its parent is gone
+    proc.wait()
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive

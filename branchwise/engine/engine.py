@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
+from transformers import AutoConfig
 
 from branchwise.config import EngineConfig
 from branchwise.constraints import Constraint, Grammars
-from branchwise.engine import detokenizer
+from branchwise.engine import detokenizer, tensor_parallel
 from branchwise.engine.context import StrategyContext
 from branchwise.engine.kv_cache import BlockManager, new_pool, pool_block_bytes
 from branchwise.engine.metrics import EngineMetrics
@@ -47,7 +48,12 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
-        self.model = load_model(self.model_path, self.dtype, self.device)
+        tp = config.tensor_parallel_size
+        self.ranks = None  # the other tensor-parallel ranks (engine/tensor_parallel.py)
+        if tp > 1:
+            model_config = AutoConfig.from_pretrained(self.model_path)
+            self.ranks = tensor_parallel.start(model_config, tp, self.model_path, self.dtype, self.device)
+        self.model = load_model(self.model_path, self.dtype, self.device, tensor_parallel=tp > 1)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
 
@@ -60,14 +66,20 @@ class LLMEngine:
                 self.resources[name] = found
         bs = config.block_size
         layers, kv_heads, head_dim = kv_shape(self.model)
+        kv_heads //= tp  # this rank's share
         block_bytes = pool_block_bytes(layers, bs, kv_heads, head_dim, self.dtype)
         shapes = [r.kv_shape for r in self.resources.values() if r.kv_shape is not None]
         block_bytes += sum(pool_block_bytes(*shape, bs, self.dtype) for shape in shapes)
         self.num_blocks = config.num_blocks or self._auto_num_blocks(block_bytes)
-        self.blocks = BlockManager(self.num_blocks, bs)
         pool = new_pool(layers, self.num_blocks, bs, kv_heads, head_dim, self.dtype, self.device)
+        if self.ranks is None:
+            self.blocks = BlockManager(self.num_blocks, bs)
+            self.runner = ModelRunner(self.model, pool, bs, self.device)
+        else:
+            self.ranks.send("init", self.num_blocks, bs)
+            self.blocks = tensor_parallel.ShardedBlocks(self.num_blocks, bs, self.ranks)
+            self.runner = tensor_parallel.ShardedRunner(self.model, pool, bs, self.device, self.ranks)
         self.blocks.pools.append(pool)
-        self.runner = ModelRunner(self.model, pool, bs, self.device)
 
         model_len = config.max_model_len or getattr(self.model.config, "max_position_embeddings", 2048)
         self.max_model_len = min(model_len, self.num_blocks * bs)
@@ -234,6 +246,11 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (call once no step runs any more)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def has_unfinished(self) -> bool:
         return bool(self._requests) or not self._inbox.empty()

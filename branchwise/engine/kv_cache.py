@@ -137,9 +137,7 @@ class BlockManager:
         unique = list(dict.fromkeys(b for s in seqs for b in s.block_table))
         index = {b: i for i, b in enumerate(unique)}
         tables = [[index[b] for b in s.block_table] for s in seqs]
-        data = []
-        for pool in self.pools:
-            data.append(pool[:, :, torch.tensor(unique, dtype=torch.long, device=pool.device)].to("cpu"))
+        data = self.read_blocks(unique)
         for s in seqs:
             self.free(s)
         return data, tables
@@ -152,8 +150,7 @@ class BlockManager:
         """Give the sequences fresh blocks holding what `swap_out` copied, shared as they were."""
         data, tables = image
         fresh = [self._take() for _ in range(data[0].shape[2])]
-        for pool, values in zip(self.pools, data, strict=True):
-            pool[:, :, torch.tensor(fresh, dtype=torch.long, device=pool.device)] = values.to(pool.device)
+        self.write_blocks(fresh, data)
         for s, table in zip(seqs, tables, strict=True):
             s.block_table = [fresh[i] for i in table]
         for i, count in Counter(i for table in tables for i in table).items():
@@ -170,6 +167,15 @@ class BlockManager:
         return data, [list(range(data[0].shape[2]))]
 
     # -- data movement in every pool ---------------------------------------------------------------
+    def read_blocks(self, blocks: list[int]) -> list[torch.Tensor]:
+        """A host copy of `blocks`, per pool: (layers, 2, len(blocks), block_size, kv_heads, head_dim)."""
+        return [pool[:, :, torch.tensor(blocks, device=pool.device)].to("cpu") for pool in self.pools]
+
+    def write_blocks(self, blocks: list[int], data: list[torch.Tensor]) -> None:
+        """Write what `read_blocks` gave back into `blocks` (the same count) of every pool."""
+        for pool, values in zip(self.pools, data, strict=True):
+            pool[:, :, torch.tensor(blocks, device=pool.device)] = values.to(pool.device)
+
     def copy_block(self, src: int, dst: int) -> None:
         for pool in self.pools:
             pool[:, :, dst].copy_(pool[:, :, src])

@@ -147,12 +147,15 @@ class ModelRunner:
             branchwise_step=StepContext(self.pool, meta),
         ).last_hidden_state[0]
 
+    def decode(self, packed: Packed) -> torch.Tensor:
+        """(T, H) hidden states of a packed batch: a captured graph where one fits, else eager."""
+        hidden_all = self.graphs.replay(packed) if self.graphs is not None else None
+        return self.run_decoder(*self.metadata(packed)) if hidden_all is None else hidden_all
+
     @torch.inference_mode()
     def forward(self, plans: list[Plan]) -> ForwardOutput:
         packed = self.pack(plans)
-        hidden_all = self.graphs.replay(packed) if self.graphs is not None else None
-        if hidden_all is None:
-            hidden_all = self.run_decoder(*self.metadata(packed))
+        hidden_all = self.decode(packed)
         if len(packed.logit_idx) == len(packed.ids):  # every row (decode steps): no gather
             hidden = hidden_all
         else:

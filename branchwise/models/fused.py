@@ -9,6 +9,7 @@ attention and MLP forwards are mirrored here; any other model keeps HF's modules
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,7 +47,8 @@ class FusedAttention(nn.Module):
             self, q, k, v, None, scaling=self.scaling, sliding_window=self.window, **kwargs
         )
         out = out.reshape(*hidden_states.shape[:-1], -1)
-        return kernels.linear(out, self.o_proj.weight, self.o_proj.bias), None
+        out = kernels.linear(out, self.o_proj.weight, self.o_proj.bias)
+        return (self.reduce(out) if self.reduce else out), None
 
 
 class FusedMLP(nn.Module):
@@ -54,7 +56,8 @@ class FusedMLP(nn.Module):
 
     def forward(self, x):
         gate, up = kernels.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias).chunk(2, -1)
-        return kernels.linear(self.act_fn(gate) * up, self.down_proj.weight, self.down_proj.bias)
+        out = kernels.linear(self.act_fn(gate) * up, self.down_proj.weight, self.down_proj.bias)
+        return self.reduce(out) if self.reduce else out
 
 
 _classes: dict[tuple[type, type], type] = {}
@@ -67,10 +70,12 @@ def _mix(module: nn.Module, mixin: type) -> None:
     module.__class__ = _classes[(cls, mixin)]
 
 
-def fuse_layer(layer: nn.Module, model_type: str) -> None:
-    """Fuse one decoder layer's projections in place."""
+def fuse_layer(layer: nn.Module, model_type: str, reduce: Callable | None = None) -> None:
+    """Fuse one decoder layer's projections in place; `reduce` sums the o/down outputs of tensor-parallel
+    ranks (each holds whole heads of q/k/v and a slice of gate/up, so its o/down outputs are partial)."""
     attn, mlp = layer.self_attn, layer.mlp
-    attn.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+    attn.reduce = mlp.reduce = reduce
+    attn.qkv_sizes = [p.weight.shape[0] for p in (attn.q_proj, attn.k_proj, attn.v_proj)]  # this rank's
     attn.qkv_proj = _concat(attn.q_proj, attn.k_proj, attn.v_proj)
     del attn.q_proj, attn.k_proj, attn.v_proj
     attn.has_qk_norm = hasattr(attn, "q_norm")
@@ -85,14 +90,14 @@ def fuse_layer(layer: nn.Module, model_type: str) -> None:
     _mix(mlp, FusedMLP)
 
 
-def fuse_projections(model: nn.Module) -> bool:
+def fuse_projections(model: nn.Module, reduce: Callable | None = None) -> bool:
     """Fuse every decoder layer of a supported architecture in place; False (untouched) otherwise."""
     model_type = model.config.model_type
     layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None)
     if model_type not in FUSED_ARCHITECTURES or layers is None:
         return False
     for layer in layers:
-        fuse_layer(layer, model_type)
+        fuse_layer(layer, model_type, reduce)
     return True
 
 

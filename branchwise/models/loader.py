@@ -43,18 +43,38 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_model(
+    path: str, dtype: torch.dtype, device: torch.device, tensor_parallel: bool = False
+) -> torch.nn.Module:
     """A causal LM whose attention layers call our paged attention, projections fused where supported;
-    HF's KV cache stays off."""
+    HF's KV cache stays off. `tensor_parallel`: this rank's shard, by transformers' tp plan, over the
+    initialised process group (every rank calls it at once; see engine/tensor_parallel.py)."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in TESTED_ARCHITECTURES:
         log.warning(
             "architecture %r is untested; tested: %s", config.model_type, sorted(TESTED_ARCHITECTURES)
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
+    reduce, shard = None, {}
+    if tensor_parallel:
+        import torch.distributed as dist
+
+        from branchwise.engine import tensor_parallel as tp
+
+        reduce, shard = tp.all_reduce, {"tp_plan": "auto", "tp_size": dist.get_world_size()}
+        try:  # transformers >= 5.18 takes the plan in a DistributedConfig
+            from transformers import DistributedConfig
+
+            shard = {"distributed_config": DistributedConfig(**shard)}
+        except ImportError:
+            pass
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=ATTENTION_NAME, **shard
+    )
+    if tensor_parallel:
+        tp.local_shards(model)
     model.config.use_cache = False
     model = model.to(device).eval().requires_grad_(False)
-    fuse_projections(model)
+    fuse_projections(model, reduce)
     return model
 
 

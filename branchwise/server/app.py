@@ -37,6 +37,7 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
         s.loop.start()
         yield
         s.loop.stop()
+        engine.close()
 
     app = FastAPI(title="branchwise", lifespan=lifespan)
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_request_bytes)
