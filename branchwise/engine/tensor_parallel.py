@@ -173,8 +173,11 @@ class ShardedRunner(ModelRunner):
         return super().decode(packed)
 
     def capture_graphs(self, max_tokens: int, max_blocks_per_seq: int) -> None:
-        """Eager under tensor parallel: graphs with the ranks' collectives inside are not built yet."""
-        self.graph_args = (max_tokens, max_blocks_per_seq)
+        """Every rank captures the same buckets at once (so the all-reduces in the warm-up and capture
+        forwards pair up); replays stay paired because each rank picks graph or eager from the same packed
+        batch. CUDA only, as for one rank."""
+        self.ranks.send("capture_graphs", max_tokens, max_blocks_per_seq)
+        super().capture_graphs(max_tokens, max_blocks_per_seq)
 
 
 def _free_port() -> int:
@@ -260,6 +263,8 @@ def run_rank(rank: int, size: int, port: int, model_path: str, dtype: torch.dtyp
         elif command in ("scatter", "write_blocks"):
             where, whole = args
             getattr(blocks, command)(where, [shard_of(whole, rank, size)])
+        elif command == "capture_graphs":
+            runner.capture_graphs(*args)
         else:  # copy_block, move_slots
             getattr(blocks, command)(*args)
     dist.destroy_process_group()
