@@ -217,3 +217,31 @@ def test_tuning_keeps_skinny_configs_that_compute_the_same_product():
         assert (
             triton_linear.skinny_linear(x, w, None, *config).float() - (x @ w.T).float()
         ).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+@pytest.mark.parametrize("cached, q_len", [(0, 40), (37, 40), (70, 1), (0, 1), (16, 33)])
+def test_one_sequence_without_a_mask_tensor_equals_dense_causal_attention(cached, q_len, scattered):
+    """The reference's maskless path for one plain-causal sequence (a view of consecutive blocks, or a
+    gather of scattered ones; chunks past a cached prefix merged by log-sum-exp) against dense attention."""
+    bs, Hkv, group, D = 16, 2, 2, 32
+    g = torch.Generator().manual_seed(cached + q_len)
+    need = -(-(cached + q_len) // bs)
+    table = list(range(need))[::-1] if scattered and need > 1 else list(range(need))
+    kc, vc = (torch.randn(need + 1, bs, Hkv, D, generator=g) for _ in range(2))
+    slots = [table[i // bs] * bs + i % bs for i in range(cached, cached + q_len)]
+    meta = build_metadata(
+        slots, list(range(cached, cached + q_len)), [q_len], [cached + q_len],
+        torch.tensor([table], dtype=torch.int32), [None], bs, "cpu",
+    )  # fmt: skip
+    q = torch.randn(q_len, Hkv * group, D, generator=g)
+    k, v = torch.randn(q_len, Hkv, D, generator=g), torch.randn(q_len, Hkv, D, generator=g)
+    reference.store_kv(k, v, kc, vc, meta.slot_mapping)
+    out = reference.paged_attention(q, kc, vc, meta, D**-0.5)
+    all_slots = torch.tensor([table[i // bs] * bs + i % bs for i in range(cached + q_len)])
+    keys = kc.view(-1, Hkv, D)[all_slots].repeat_interleave(group, 1)  # (S, Hq, D)
+    values = vc.view(-1, Hkv, D)[all_slots].repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,shd->hqs", q, keys) * D**-0.5
+    visible = torch.arange(cached + q_len)[None, :] <= torch.arange(cached, cached + q_len)[:, None]
+    want = torch.einsum("hqs,shd->qhd", scores.masked_fill(~visible, -torch.inf).softmax(-1), values)
+    assert torch.allclose(out, want, atol=1e-5), (out - want).abs().max()

@@ -50,6 +50,8 @@ class _Group:
     query_pos: torch.Tensor  # (G, Q, 1)
     key_pos: torch.Tensor  # (G, 1, S)
     windowed: dict = field(default_factory=dict)  # additive masks by (sliding window, dtype)
+    cached: int | None = None  # one sequence, plain causal: its keys before this step's (no mask needed)
+    first_slot: int | None = None  # ... and its keys lie in consecutive slots from here (no gather needed)
 
     def bias_for(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask (0 / -inf; SDPA is faster with it than with booleans), built once per step."""
@@ -81,6 +83,13 @@ def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _G
     tables = meta.block_tables[sel].long()
     kv_slots = tables[:, (j // bs).clamp(max=tables.shape[1] - 1)] * bs + j % bs  # (G, S)
 
+    num_cached, first_slot = None, None
+    if G == 1 and offs[seqs[0]] < 0:
+        num_cached = int(S - Q)
+        if device.type == "cpu":
+            used = tables[0, : -(-S // bs)]
+            if bool((used.diff() == 1).all()):
+                first_slot = int(used[0]) * bs
     if Q == 1:  # decode: each query sees all of its sequence's keys, itself last
         mask = (j[None, :] < seq_len)[:, None, None]  # (G, 1, 1, S)
         key_pos = j[None, None, :].expand(G, 1, S)
@@ -92,6 +101,8 @@ def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _G
             mask=mask,
             query_pos=meta.positions[q_index][:, :, None],
             key_pos=key_pos,
+            cached=num_cached,
+            first_slot=first_slot,
         )
     cached = (seq_len - q_len)[:, :, None]  # (G, 1, 1)
     rel = j[None, None, :] - cached  # key index among the new tokens
@@ -119,6 +130,8 @@ def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _G
         mask=mask[:, None],
         query_pos=query_pos[:, :, None],
         key_pos=key_pos[:, None, :],
+        cached=num_cached,
+        first_slot=first_slot,
     )
 
 
@@ -149,12 +162,42 @@ def paged_attention(
     out = query.new_empty(T, Hq, D)
     for g in _groups(meta, query.device):
         G, S = g.kv_slots.shape
-        slots = g.kv_slots.view(-1)
         q = query[g.q_index].transpose(1, 2)  # (G, Hq, Q, D)
-        k = keys.index_select(0, slots).view(G, S, Hkv, D).transpose(1, 2).to(q.dtype)  # (G, Hkv, S, D)
-        v = values.index_select(0, slots).view(G, S, Hkv, D).transpose(1, 2).to(q.dtype)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=g.bias_for(sliding_window, q.dtype), scale=scale, enable_gqa=Hq != Hkv
-        )
+        if g.first_slot is not None:  # a view, no copy
+            k, v = (t[g.first_slot : g.first_slot + S] for t in (keys, values))
+        else:
+            slots = g.kv_slots.view(-1)
+            k, v = keys.index_select(0, slots), values.index_select(0, slots)
+        k = k.view(G, S, Hkv, D).transpose(1, 2).to(q.dtype)  # (G, Hkv, S, D)
+        v = v.view(G, S, Hkv, D).transpose(1, 2).to(q.dtype)
+        if g.cached is not None and not sliding_window:
+            o = _causal(q, k, v, g.cached, scale)
+        else:
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=g.bias_for(sliding_window, q.dtype), scale=scale, enable_gqa=Hq != Hkv
+            )
         out[g.token_index] = o.transpose(1, 2).reshape(-1, Hq, D)[g.valid]
     return out
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int, scale: float) -> torch.Tensor:
+    """One sequence's causal attention, its first `cached` keys seen by every query, without a mask tensor:
+    a mask makes SDPA compute every masked score. Past a cached prefix (a prefill chunk) on the CPU, the
+    cached and the new keys are attended apart (the new ones causally) and the two merged by their
+    log-sum-exps."""
+    Q, gqa = q.shape[2], q.shape[1] != k.shape[1]
+    if Q == 1 or cached == 0 or q.device.type != "cpu":
+        if Q > 1 and cached:  # not on the CPU: the mask, built here
+            bias = torch.zeros(Q, cached + Q, dtype=q.dtype, device=q.device)
+            bias[:, cached:].masked_fill_(
+                torch.ones(Q, Q, dtype=torch.bool, device=q.device).triu(1), -torch.inf
+            )
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=Q > 1, scale=scale, enable_gqa=gqa)
+    if gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    old, old_lse = flash(q, k[:, :, :cached], v[:, :, :cached], 0.0, False, scale=scale)
+    new, new_lse = flash(q, k[:, :, cached:], v[:, :, cached:], 0.0, True, scale=scale)
+    w = torch.sigmoid(old_lse - new_lse).unsqueeze(-1).to(q.dtype)  # exp(a) / (exp(a) + exp(b))
+    return new + (old - new) * w
