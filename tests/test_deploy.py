@@ -116,6 +116,17 @@ def test_serve_on_two_ranks_answers_and_every_rank_exits_with_the_server(tiny_ll
         proc.kill()
     proc, url = serve_two_ranks(tiny_llama)
     ranks = psutil.Process(proc.pid).children(recursive=True)
+    try:
+        ranks[0].kill()  # a rank dies: the server says so, for a router or Kubernetes to act on
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert httpx.get(url + "/health").status_code == 503
+    finally:
+        proc.kill()
+    proc.wait()
+    proc, url = serve_two_ranks(tiny_llama)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()  # no clean stop: each rank notices its parent is gone
     proc.wait()
     _, alive = psutil.wait_procs(ranks, timeout=30)

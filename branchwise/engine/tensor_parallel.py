@@ -85,10 +85,16 @@ def local_shards(model: torch.nn.Module) -> None:
 class Ranks:
     """Rank 0's handle on the other ranks: send them a command, collect their answers, stop them."""
 
-    def __init__(self, size: int, group, processes: list) -> None:
+    def __init__(self, size: int, group, processes: list, threads: int) -> None:
         self.size, self.group, self.processes = size, group, processes
+        self.threads = threads  # rank 0's torch threads before it shared the cores
         self.closed = False
         atexit.register(self.close)
+
+    @property
+    def alive(self) -> bool:
+        """Every other rank still runs (/health reports 503 once one has exited)."""
+        return all(p.poll() is None for p in self.processes)
 
     def send(self, *command) -> None:
         dist.broadcast_object_list([command], src=0, group=self.group)
@@ -114,6 +120,7 @@ class Ranks:
             except subprocess.TimeoutExpired:
                 p.kill()
         dist.destroy_process_group()
+        torch.set_num_threads(self.threads)
 
 
 def shard_of(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -218,7 +225,8 @@ def start(config, size: int, model_path: str, dtype: torch.dtype, device: torch.
         )
         for rank in range(1, size)
     ]
-    return Ranks(size, _join(0, size, port, device), processes)
+    threads = torch.get_num_threads()
+    return Ranks(size, _join(0, size, port, device), processes, threads)
 
 
 def _end_with_parent() -> None:

@@ -76,6 +76,8 @@ def create_app(config: ServerConfig, engine: LLMEngine | None = None) -> FastAPI
     async def health():
         if not s.loop.alive:
             raise APIError(503, "the engine loop has stopped", "service_unavailable")
+        if engine.ranks is not None and not engine.ranks.alive:
+            raise APIError(503, "a tensor-parallel rank has exited", "service_unavailable")
         return {}
 
     @app.get("/metrics")
