@@ -84,12 +84,11 @@ def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _G
     kv_slots = tables[:, (j // bs).clamp(max=tables.shape[1] - 1)] * bs + j % bs  # (G, S)
 
     num_cached, first_slot = None, None
-    if G == 1 and offs[seqs[0]] < 0:
+    if G == 1 and offs[seqs[0]] < 0 and device.type == "cpu":  # (a host read: CPU only)
         num_cached = int(S - Q)
-        if device.type == "cpu":
-            used = tables[0, : -(-S // bs)]
-            if bool((used.diff() == 1).all()):
-                first_slot = int(used[0]) * bs
+        used = tables[0, : -(-S // bs)]
+        if bool((used.diff() == 1).all()):
+            first_slot = int(used[0]) * bs
     if Q == 1:  # decode: each query sees all of its sequence's keys, itself last
         mask = (j[None, :] < seq_len)[:, None, None]  # (G, 1, 1, S)
         key_pos = j[None, None, :].expand(G, 1, S)
@@ -182,17 +181,10 @@ def paged_attention(
 
 def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int, scale: float) -> torch.Tensor:
     """One sequence's causal attention, its first `cached` keys seen by every query, without a mask tensor:
-    a mask makes SDPA compute every masked score. Past a cached prefix (a prefill chunk) on the CPU, the
-    cached and the new keys are attended apart (the new ones causally) and the two merged by their
-    log-sum-exps."""
+    a mask makes SDPA compute every masked score. Past a cached prefix (a prefill chunk) the cached and the
+    new keys are attended apart (the new ones causally) and the two merged by their log-sum-exps (CPU)."""
     Q, gqa = q.shape[2], q.shape[1] != k.shape[1]
-    if Q == 1 or cached == 0 or q.device.type != "cpu":
-        if Q > 1 and cached:  # not on the CPU: the mask, built here
-            bias = torch.zeros(Q, cached + Q, dtype=q.dtype, device=q.device)
-            bias[:, cached:].masked_fill_(
-                torch.ones(Q, Q, dtype=torch.bool, device=q.device).triu(1), -torch.inf
-            )
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
+    if Q == 1 or cached == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=Q > 1, scale=scale, enable_gqa=gqa)
     if gqa:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))

@@ -66,6 +66,12 @@ def self_generate(
     return rows
 
 
+def soft_cross_entropy(logits: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid positions of the cross-entropy of `logits` against the model's distribution."""
+    per_token = -(teacher * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
+    return (per_token * valid).sum() / valid.sum().clamp(min=1)
+
+
 def pad_batch(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, valid): the rows right-padded to one width, and 1.0 where a row has a token."""
     width = max(map(len, rows))

@@ -23,7 +23,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from branchwise.models.eagle3 import FOLDER, Eagle3Drafter, default_aux_layers, save_eagle3
 from branchwise.models.loader import decoder_of
-from branchwise.train.distill import fit, prepare
+from branchwise.train.distill import fit, prepare, soft_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,7 @@ def eagle3_loss(base, drafter: Eagle3Drafter, ids: torch.Tensor, valid: torch.Te
     first = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], 1)
     loss = 0.0
     for p, x in enumerate(ttt_forward(drafter, emb, first, positions)):
-        logp = F.log_softmax(drafter.draft_logits(x).float(), dim=-1)
-        per_token = -(teacher * logp).sum(-1)
-        loss = loss + DECAY**p * (per_token * valid).sum() / valid.sum().clamp(min=1)
+        loss = loss + DECAY**p * soft_cross_entropy(drafter.draft_logits(x), teacher, valid)
     return loss
 
 

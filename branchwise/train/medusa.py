@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from branchwise.models.loader import decoder_of
 from branchwise.models.medusa import MedusaHeads, save_heads
-from branchwise.train.distill import fit, pad_batch, prepare
+from branchwise.train.distill import fit, pad_batch, prepare, soft_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,9 @@ def medusa_loss(
     loss, agree = 0.0, []
     for k in range(heads.num_heads):
         shift = k + 1
-        logp = F.log_softmax(logits[k][:, :-shift].float(), dim=-1)
-        target, mask = teacher[:, shift:], valid[:, shift:]
-        per_token = -(target * logp).sum(-1)
-        loss = loss + HEAD_DECAY**k * (per_token * mask).sum() / mask.sum().clamp(min=1)
-        same = (logp.argmax(-1) == target.argmax(-1)).float()
+        head, target, mask = logits[k][:, :-shift], teacher[:, shift:], valid[:, shift:]
+        loss = loss + HEAD_DECAY**k * soft_cross_entropy(head, target, mask)
+        same = (head.argmax(-1) == target.argmax(-1)).float()
         agree.append(float((same * mask).sum() / mask.sum().clamp(min=1)))
     return loss, agree
 

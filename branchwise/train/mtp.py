@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from branchwise.models.loader import decoder_of
 from branchwise.models.mtp import OWN_FILE, MTPModule, save_mtp
-from branchwise.train.distill import fit, prepare
+from branchwise.train.distill import fit, prepare, soft_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ def mtp_loss(base, module: MTPModule, ids: torch.Tensor, valid: torch.Tensor) ->
     x2 = module(ids, torch.cat([zeros.to(x1.dtype), x1[:, :-1]], 1), positions)
     loss = 0.0
     for x, weight in ((x1, 1.0), (x2, DEPTH2_WEIGHT)):
-        logp = F.log_softmax(module.logits(x).float(), dim=-1)
-        per_token = -(teacher * logp).sum(-1)
-        loss = loss + weight * (per_token * valid).sum() / valid.sum().clamp(min=1)
+        loss = loss + weight * soft_cross_entropy(module.logits(x), teacher, valid)
     return loss
 
 
