@@ -152,7 +152,8 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
     from branchwise.train.demo import train_demo
 
     init = Path(args.init) if args.init else None
-    info = train_demo(Path(args.out or ASSET_DIR), args.minutes, args.device, args.seed, init=init)
+    out = Path(args.out or ASSET_DIR)
+    info = train_demo(out, args.minutes, args.device, args.seed, examples=args.examples, init=init)
     print(json.dumps(info, indent=2))
 
 
@@ -183,6 +184,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> None:
         num_prompts=args.num_prompts,
         max_tokens=args.max_tokens,
         data=args.data,
+        init=args.init,
         **extra,
     )
     print(json.dumps(info, indent=2))
@@ -213,6 +215,11 @@ def add_self_distillation_args(parser: argparse.ArgumentParser, out_help: str) -
         "--data", default=None, help="JSONL prompts ({prompt} or {messages}); default: demo tasks"
     )
     parser.add_argument("--out", default=None, help=out_help)
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="continue from these weights (e.g. the module of the model's last version)",
+    )
 
 
 def quiet(on: bool = True) -> None:
@@ -297,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--minutes", type=float, default=55.0, help="wall-clock budget for both models")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="examples generated (default 600,000 on GPU, 60,000 on CPU)",
+    )
     demo.add_argument("--out", default=None, help="output folder (default: branchwise/assets/demo)")
     demo.add_argument(
         "--init", default=None, help="continue training a demo checkpoint (e.g. the shipped one)"

@@ -36,42 +36,51 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict],
+        messages: list[dict] | list[list[dict]],
         params: SamplingParams | None = None,
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
         chat_template_kwargs: dict | None = None,
         strategy: str | None = None,
-    ) -> RequestOutput:
-        """One chat completion, as /v1/chat/completions does it: OpenAI-shaped messages and tools; the
-        outputs carry `reasoning` and `tool_calls` (finish_reason "tool_calls") where they apply."""
+    ) -> RequestOutput | list[RequestOutput]:
+        """Chat completions, as /v1/chat/completions does them: OpenAI-shaped messages and tools; the
+        outputs carry `reasoning` and `tool_calls` (finish_reason "tool_calls") where they apply. A list of
+        conversations runs as one batch and gives a list back, as vLLM's `LLM.chat` does."""
+        batch = bool(messages) and isinstance(messages[0], list)
+        conversations = messages if batch else [messages]
         params = params or SamplingParams()
         config = self.engine.config
-        plan = plan_chat(
-            self.tokenizer,
-            messages,
-            tools,
-            choice_mode(tools, tool_choice),
-            parallel_tool_calls,
-            params.constraint,
-            chat_template_kwargs,
-            config.tool_call_parser,
-            config.reasoning_parser,
-        )
-        keep = params.skip_special_tokens and not plan.keep_special
-        params = dataclasses.replace(params, constraint=plan.constraint, skip_special_tokens=keep)
-        prompt = self.tokenizer.encode(plan.prompt_text, add_special_tokens=False)
-        out = self.generate(prompt, params, strategy)[0]
-        for o in out.outputs:
-            message, has_calls = message_of(plan, o.text)
-            o.text, o.reasoning, o.tool_calls = (
-                message["content"] or "",
-                message.get("reasoning"),
-                message.get("tool_calls"),
+        plans = [
+            plan_chat(
+                self.tokenizer,
+                conversation,
+                tools,
+                choice_mode(tools, tool_choice),
+                parallel_tool_calls,
+                params.constraint,
+                chat_template_kwargs,
+                config.tool_call_parser,
+                config.reasoning_parser,
             )
-            o.finish_reason = finish_reason(o.finish_reason, has_calls)
-        return out
+            for conversation in conversations
+        ]
+        prompts, each = [], []
+        for plan in plans:
+            keep = params.skip_special_tokens and not plan.keep_special
+            each.append(dataclasses.replace(params, constraint=plan.constraint, skip_special_tokens=keep))
+            prompts.append(self.tokenizer.encode(plan.prompt_text, add_special_tokens=False))
+        outs = self.generate(prompts, each, strategy)
+        for plan, out in zip(plans, outs, strict=True):
+            for o in out.outputs:
+                message, has_calls = message_of(plan, o.text)
+                o.text, o.reasoning, o.tool_calls = (
+                    message["content"] or "",
+                    message.get("reasoning"),
+                    message.get("tool_calls"),
+                )
+                o.finish_reason = finish_reason(o.finish_reason, has_calls)
+        return outs if batch else outs[0]
 
     def generate(
         self,

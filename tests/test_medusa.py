@@ -220,3 +220,21 @@ def test_training_writes_heads_in_the_authors_layout(tmp_path, spec_target):
     assert info["steps"] > 0 and len(info["held_out_top1_agreement"]) == 2
     llm = LLM(str(model_dir))
     assert llm.engine.resources["medusa"].weights.num_heads == 2
+
+
+def test_training_with_init_continues_from_the_given_heads(tmp_path, spec_target):
+    """`--init`: the loop starts from the given heads, their count and depth (at lr 0 they come back)."""
+    from safetensors.torch import load_file
+
+    from branchwise.train.medusa import train_medusa
+
+    init, out = f"{spec_target}/medusa", tmp_path / "heads"
+    info = train_medusa(
+        spec_target, out, minutes=0.2, device="cpu", num_prompts=8, max_tokens=8, lr=0.0, init=init
+    )
+    assert info["num_heads"] == 3
+    before, after = (
+        load_file(f"{init}/medusa_lm_head.safetensors"),
+        load_file(str(out / "medusa_lm_head.safetensors")),
+    )
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -219,3 +219,14 @@ def test_training_writes_a_module_the_engine_loads(tmp_path, spec_target):
     assert info["steps"] > 0 and (model_dir / OWN_FILE).exists()
     assert json.loads((model_dir / "mtp.json").read_text())["steps"] == info["steps"]
     assert "mtp" in LLM(str(model_dir)).engine.resources
+
+
+def test_training_with_init_continues_from_the_given_module(tmp_path, spec_target):
+    """`--init`: the loop starts from the given weights (at lr 0 they come back unchanged)."""
+    from branchwise.train.mtp import train_mtp
+
+    out = tmp_path / "again.safetensors"
+    init = f"{spec_target}/{OWN_FILE}"
+    train_mtp(spec_target, out, minutes=0.2, device="cpu", num_prompts=8, max_tokens=8, lr=0.0, init=init)
+    before, after = load_file(init), load_file(str(out))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -20,14 +20,15 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-SEQ_LEN = 256
+SEQ_LEN = 512  # room for a chat with tools and its answer
 
 
 def demo_prompts(n: int, seed: int) -> list[dict]:
-    """Chat requests like the demo model's users send (extraction, arithmetic) and code to continue;
-    drawn from another seed than the benchmark prompts (2026), so those stay held out."""
+    """Chat requests like the demo model's users send (extraction, arithmetic; half of them v2 chats with
+    system prompts, earlier turns and tools) and code to continue; drawn from another seed than the
+    benchmark prompts (2026), so those stay held out."""
     from branchwise.train.demo import code_windows
-    from branchwise.train.demo_data import arithmetic, extraction
+    from branchwise.train.demo_data import arithmetic, conversation, extraction
 
     rng = random.Random(seed)
     out: list[dict] = []
@@ -35,6 +36,10 @@ def demo_prompts(n: int, seed: int) -> list[dict]:
         if i % 5 == 4:
             text = code_windows(rng, 1, chars=400)[0]
             out.append({"prompt": text[: rng.randrange(80, 300)]})
+        elif i % 4 in (1, 3):  # the model answers the conversation's last user or tool turn itself
+            messages, tools, _ = conversation(rng)
+            ends = [k for k, m in enumerate(messages) if m["role"] == "assistant"] or [len(messages)]
+            out.append({"messages": messages[: rng.choice(ends)], "tools": tools})
         elif i % 2:
             out.append({"messages": [{"role": "user", "content": extraction(rng)[0]}]})
         else:
@@ -43,7 +48,7 @@ def demo_prompts(n: int, seed: int) -> list[dict]:
 
 
 def read_prompts(path: str) -> list[dict]:
-    """A JSONL file of {"prompt": ...} or {"messages": [...]} records."""
+    """A JSONL file of {"prompt": ...} or {"messages": [...], "tools": [...] (optional)} records."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -55,7 +60,10 @@ def self_generate(
     from branchwise import LLM, SamplingParams
 
     llm = LLM(model_path, device=device, max_num_seqs=64, enforce_eager=True, seed=seed)
-    ids = [llm.chat_prompt(p["messages"]) if "messages" in p else llm.encode(p["prompt"]) for p in prompts]
+    ids = [
+        llm.chat_prompt(p["messages"], p.get("tools")) if "messages" in p else llm.encode(p["prompt"])
+        for p in prompts
+    ]
     params = [
         SamplingParams(max_tokens=max_tokens, temperature=0.8 if i % 4 == 3 else 0.0, seed=seed + i)
         for i in range(len(prompts))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from branchwise.models.eagle3 import FOLDER, Eagle3Drafter, default_aux_layers, save_eagle3
+from branchwise.models.eagle3 import FOLDER, Eagle3Drafter, default_aux_layers, load_eagle3, save_eagle3
 from branchwise.models.loader import decoder_of
 from branchwise.train.distill import fit, prepare, soft_cross_entropy
 
@@ -156,14 +156,20 @@ def train_eagle3(
     batch_size: int = 16,
     lr: float = 1e-3,
     draft_vocab_size: int | None = None,
+    init: str | None = None,
 ) -> dict:
     """Train an EAGLE-3 drafter for the model at `model_path` within `minutes`; writes `out` (default:
-    eagle3/ beside the model) with a JSON record of the run."""
+    eagle3/ beside the model) with a JSON record of the run. `init`: a drafter folder to continue from
+    (its draft vocabulary is kept)."""
     out = out or Path(model_path) / FOLDER
     run = prepare(model_path, data, num_prompts, seed + 11, max_tokens, device, seed)
     vocab = run.base.config.vocab_size
-    draft_ids = draft_vocabulary(run.rows, min(draft_vocab_size or vocab, vocab), vocab)
-    drafter = new_drafter(run.base, draft_ids).to(run.device).train()
+    if init:
+        drafter = load_eagle3(run.base, init).float().requires_grad_(True).train()
+        draft_ids = drafter.target_ids.tolist()
+    else:
+        draft_ids = draft_vocabulary(run.rows, min(draft_vocab_size or vocab, vocab), vocab)
+        drafter = new_drafter(run.base, draft_ids).to(run.device).train()
     history = fit(
         drafter,
         lambda ids, valid: eagle3_loss(run.base, drafter, ids, valid),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from branchwise.models.loader import decoder_of
-from branchwise.models.medusa import MedusaHeads, save_heads
+from branchwise.models.medusa import MedusaHeads, load_heads, save_heads
 from branchwise.train.distill import fit, pad_batch, prepare, soft_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,19 @@ def train_medusa(
     data: str | None = None,
     batch_size: int = 16,
     lr: float = 1e-3,
+    init: str | None = None,
 ) -> dict:
     """Train Medusa heads for the model at `model_path` within `minutes`; writes the heads' folder `out`
-    (default: medusa/ beside the model) with a JSON record of the run."""
+    (default: medusa/ beside the model) with a JSON record of the run. `init`: a heads' folder to
+    continue from."""
     out = out or Path(model_path) / "medusa"
     run = prepare(model_path, data, num_prompts, seed + 11, max_tokens, device, seed)
     base, dev = run.base, run.device
-    heads = new_heads(base, num_heads, num_layers).to(dev).train()
+    if init:
+        heads = load_heads(init, base).float().requires_grad_(True).train()
+        num_heads, num_layers = heads.num_heads, heads.num_layers
+    else:
+        heads = new_heads(base, num_heads, num_layers).to(dev).train()
     pad = base.config.pad_token_id or 0
     held = run.rows[: max(1, len(run.rows) // 20)]  # agreement is reported on rows the heads never train on
     run.rows = run.rows[len(held) :]

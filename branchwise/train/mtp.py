@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from branchwise.models.loader import decoder_of
-from branchwise.models.mtp import OWN_FILE, MTPModule, save_mtp
+from branchwise.models.mtp import OWN_FILE, MTPModule, find_mtp, load_mtp, save_mtp
 from branchwise.train.distill import fit, prepare, soft_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,18 @@ def train_mtp(
     data: str | None = None,
     batch_size: int = 16,
     lr: float = 1e-3,
+    init: str | None = None,
 ) -> dict:
     """Train an MTP module for the model at `model_path` within `minutes`; writes `out` (default:
-    mtp.safetensors beside the model) and a JSON record of the run beside it."""
+    mtp.safetensors beside the model) and a JSON record of the run beside it. `init`: an MTP file to
+    continue from (e.g. the module of the model's previous weights)."""
     out = out or Path(model_path) / OWN_FILE
     run = prepare(model_path, data, num_prompts, seed + 7, max_tokens, device, seed)
-    module = new_module(run.base).to(run.device).train()
+    if init:
+        found = find_mtp(str(Path(init).parent), init)
+        module = load_mtp(run.base, *found).float().requires_grad_(True).train()
+    else:
+        module = new_module(run.base).to(run.device).train()
     module.set_attention("sdpa")
     history = fit(
         module,
