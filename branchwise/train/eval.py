@@ -63,41 +63,24 @@ def eval_demo(
     jobs = [extraction(rng) for _ in range(n)]
     prompts = [llm.chat_prompt([{"role": "user", "content": j[0]}]) for j in jobs]
     answers = [o.outputs[0].text for o in llm.generate(prompts, greedy, strategy=strategy)]
-    valid = fields = right = 0
-    for text, (_, _, want) in zip(answers, jobs, strict=True):
-        fields += len(want)
-        try:
-            got = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(got, dict):
-            valid += 1
-            right += sum(got.get(k) == v for k, v in want.items())
-
+    valid, right = extraction_scores(answers, jobs)
     # the same extraction tasks under a JSON schema of their fields (types only: the values are the test)
     constrained = [
         SamplingParams(temperature=0, max_tokens=256, constraint=Constraint.json_schema(schema_of(want)))
         for _, _, want in jobs
     ]
     outs = [o.outputs[0] for o in llm.generate(prompts, constrained, strategy=strategy)]
-    c_valid = c_right = 0
-    for out, (_, _, want) in zip(outs, jobs, strict=True):
-        try:
-            got = json.loads(out.text)
-        except json.JSONDecodeError:
-            continue
-        c_valid += 1
-        c_right += sum(got.get(k) == v for k, v in want.items())
+    c_valid, c_right = extraction_scores([o.text for o in outs], jobs)
 
     return (
         {
             "tasks": n,
             "arithmetic_accuracy": correct / n,
             "parallel_structure_well_formed": formed / n,
-            "json_valid": valid / n,
-            "json_field_accuracy": right / fields,
-            "json_valid_constrained": c_valid / n,
-            "json_field_accuracy_constrained": c_right / fields,
+            "json_valid": valid,
+            "json_field_accuracy": right,
+            "json_valid_constrained": c_valid,
+            "json_field_accuracy_constrained": c_right,
             "forced_token_share_constrained": sum(o.num_forced for o in outs)
             / sum(len(o.token_ids) for o in outs),
         }
@@ -173,8 +156,8 @@ def v2_categories(llm: LLM, rng: random.Random, n: int, strategy: str | None) ->
             for j in jobs
         ]
         constrained = [o.outputs[0].text for o in llm.generate(prompts, schemas, strategy=strategy)]
-        result[f"json_field_accuracy_{key}"] = field_accuracy(plain, jobs)
-        result[f"json_field_accuracy_{key}_constrained"] = field_accuracy(constrained, jobs)
+        result[f"json_field_accuracy_{key}"] = extraction_scores(plain, jobs)[1]
+        result[f"json_field_accuracy_{key}_constrained"] = extraction_scores(constrained, jobs)[1]
     return result | tool_use(llm, rng, n, strategy)
 
 
@@ -185,9 +168,9 @@ def _negative(rng: random.Random) -> tuple[str, int]:
             return message, answer
 
 
-def field_accuracy(texts: list[str], jobs: list[tuple]) -> float:
-    """Share of the wanted fields an answer gets exactly right (an answer that is not JSON gets none)."""
-    right = total = 0
+def extraction_scores(texts: list[str], jobs: list[tuple]) -> tuple[float, float]:
+    """(share of answers that are a JSON object, share of the wanted fields exactly right)."""
+    valid = right = total = 0
     for text, (_, _, want) in zip(texts, jobs, strict=True):
         total += len(want)
         try:
@@ -195,8 +178,9 @@ def field_accuracy(texts: list[str], jobs: list[tuple]) -> float:
         except json.JSONDecodeError:
             continue
         if isinstance(got, dict):
+            valid += 1
             right += sum(got.get(k) == v for k, v in want.items())
-    return right / total
+    return valid / len(jobs), right / total
 
 
 def tool_use(llm: LLM, rng: random.Random, n: int, strategy: str | None) -> dict:
