@@ -104,10 +104,23 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from branchwise.bench.datasets import load_prompts
-    from branchwise.bench.online import bench_serve, format_table
+    from branchwise.bench.online import bench_compare, bench_serve, format_compare, format_table
 
     prompts = load_prompts(args.dataset, args.num_prompts)
-    base_url = args.base_url.rstrip("/").removesuffix("/v1")  # the clients' base_url works too
+    # the clients' base_url works too
+    urls = [u.strip().rstrip("/").removesuffix("/v1") for u in args.base_url.split(",")]
+    out = Path(args.out or f"bench-results/{time_tag()}/serve.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(urls) > 1:
+        concurrency = [int(c) for c in args.concurrency.split(",")]
+        result = bench_compare(
+            urls, prompts, concurrency, args.max_tokens, args.rounds, args.api_key, args.seed
+        )
+        print(format_compare(result))
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        return
+    base_url = urls[0]
     result = bench_serve(
         base_url,
         prompts,
@@ -119,8 +132,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         args.seed,
     )
     print(format_table(result))
-    out = Path(args.out or f"bench-results/{time_tag()}/serve.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
@@ -261,7 +272,12 @@ def main(argv: list[str] | None = None) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     online = bench.add_parser("serve", help="load an OpenAI-compatible server (ours or any other)")
-    online.add_argument("--base-url", default="http://127.0.0.1:8000")
+    online.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8000",
+        help="a server, or several comma-separated: the same load on each in alternated --rounds",
+    )
+    online.add_argument("--rounds", type=int, default=3, help="rounds per server when comparing servers")
     online.add_argument("--model", default=None, help="model name to send (default: the server's first)")
     online.add_argument("--concurrency", default="1,16,64", help="comma-separated fixed concurrency levels")
     online.add_argument(

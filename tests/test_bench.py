@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import httpx
 from test_server import running_server
 
 from branchwise.bench.offline import bench_offline, format_table
@@ -92,3 +97,50 @@ def test_cli_mistakes_are_one_line_errors_before_any_weights_load():
         lines = run.stderr.strip().splitlines()
         assert run.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
         assert "Traceback" not in run.stderr
+
+
+def test_bench_serve_compares_with_transformers_serve_in_alternated_rounds(tiny_llama, tmp_path):
+    """One command loads ours and `transformers serve --continuous-batching` alike: theirs refuses
+    `ignore_eos` (422), so neither gets it, and its tokens are its streamed chunks (it sends no usage)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    theirs = f"http://127.0.0.1:{port}"
+    hf = subprocess.Popen(
+        [str(Path(sys.executable).parent / "transformers"), "serve", "--continuous-batching"]
+        + ["--device", "cpu", "--port", str(port), tiny_llama],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with running_server(model=tiny_llama, max_num_seqs=8) as (ours, _):
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(theirs + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert hf.poll() is None and time.monotonic() < deadline, "transformers serve did not start"
+                time.sleep(0.5)
+            out = tmp_path / "compare.json"
+            main(
+                ["bench", "serve", "--base-url", f"{ours},{theirs}", "--rounds", "2", "--concurrency", "1,2"]
+                + ["--num-prompts", "3", "--max-tokens", "6", "--out", str(out)]
+            )
+    finally:
+        hf.terminate()
+        hf.wait(timeout=30)
+    result = json.loads(out.read_text())
+    ours_, theirs_ = result["servers"]
+    assert not result["ignore_eos"]
+    for server in (ours_, theirs_):
+        assert [lv["concurrency"] for lv in server["levels"]] == [1, 2]
+        for level in server["levels"]:
+            assert level["failed"] == 0 and len(level["rounds"]) == 2 and level["output_throughput"] > 0
+            assert 0 < level["mean_output_tokens"] <= 6
+    # greedy, the same weights: the same tokens from both servers
+    for a, b in zip(ours_["levels"], theirs_["levels"], strict=True):
+        assert a["mean_output_tokens"] == b["mean_output_tokens"]
+    assert all(lv["ratio_to_first"] == 1 for lv in ours_["levels"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ class RequestResult:
     itls: list[float] = field(default_factory=list)
     text: str = ""
     error: str = ""
+    chunks: int = 0  # streamed chunks with text: the token count where a server sends no usage
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
@@ -50,6 +52,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: 
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    result.chunks += 1
                     now = time.perf_counter()
                     if not result.text:
                         result.ttft = now - start
@@ -58,6 +61,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: 
                     last = now
                     result.text += chunk["choices"][0]["text"]
         result.latency = time.perf_counter() - start
+        result.output_tokens = result.output_tokens or result.chunks
         result.ok = True
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         result.error = f"{type(e).__name__}: {e}"
@@ -74,8 +78,11 @@ async def run_level(
     api_key: str | None,
     seed: int,
     progress: bool,
+    ignore_eos: bool = True,
 ) -> dict:
-    """One load level: each prompt once, at most `concurrency` in flight, Poisson arrivals at request_rate."""
+    """One load level: each prompt once, at most `concurrency` in flight, Poisson arrivals at request_rate.
+    `ignore_eos`: every request writes max_tokens (a server that refuses the field gets requests that stop at
+    EOS; where a server sends no usage, its streamed chunks are counted as tokens)."""
     url = base_url.rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(concurrency)
@@ -90,9 +97,10 @@ async def run_level(
                 "max_tokens": max_tokens,
                 "temperature": 0,
                 "stream": True,
-                "ignore_eos": True,
                 "stream_options": {"include_usage": True},
             }
+            if ignore_eos:
+                body["ignore_eos"] = True
             r = await one_request(client, url, body, headers)
             bar.update(1)
             return r
@@ -151,6 +159,83 @@ def bench_serve(
         for c in concurrency
     ]
     return {"base_url": base_url, "model": model, "max_tokens": max_tokens, "levels": levels}
+
+
+def accepts_ignore_eos(base_url: str, model: str, api_key: str | None) -> bool:
+    """Whether a server takes `ignore_eos` (ours, vLLM's and SGLang's do; `transformers serve` refuses it)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"model": model, "prompt": "Hi", "max_tokens": 1, "ignore_eos": True}
+    r = httpx.post(base_url.rstrip("/") + "/v1/completions", json=body, headers=headers, timeout=120)
+    return r.status_code == 200
+
+
+def bench_compare(
+    base_urls: list[str],
+    prompts: list[str],
+    concurrency: list[int],
+    max_tokens: int = 128,
+    rounds: int = 3,
+    api_key: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """The same load on several servers in alternated rounds (A, B, A, B, ... per level): each server's
+    median output throughput per level over the rounds, and its ratio to the first server's. The same
+    requests go to every server: `ignore_eos` only if every server takes it (else greedy requests stop at
+    EOS everywhere, and the same weights write the same tokens: compare `mean_output_tokens`)."""
+    servers = [{"base_url": url, "model": model_of(url, api_key)} for url in base_urls]
+    ignore_eos = all(accepts_ignore_eos(s["base_url"], s["model"], api_key) for s in servers)
+    runs = {(i, c): [] for i in range(len(servers)) for c in concurrency}
+    for r in range(rounds):
+        for c in concurrency:
+            order = list(range(len(servers)))
+            order = order if r % 2 == 0 else order[::-1]  # neither server always goes first
+            for i in order:
+                s = servers[i]
+                level = run_level(
+                    s["base_url"],
+                    s["model"],
+                    prompts,
+                    max_tokens,
+                    c,
+                    float("inf"),
+                    api_key,
+                    seed,
+                    False,
+                    ignore_eos,
+                )
+                runs[(i, c)].append(asyncio.run(level))
+    for i, s in enumerate(servers):
+        s["levels"] = []
+        for c in concurrency:
+            levels = runs[(i, c)]
+            tput = [lv["output_throughput"] for lv in levels]
+            s["levels"].append(
+                {
+                    "concurrency": c,
+                    "output_throughput": statistics.median(tput),
+                    "rounds": tput,
+                    "mean_output_tokens": statistics.mean(
+                        lv["output_tokens"] / max(lv["completed"], 1) for lv in levels
+                    ),
+                    "failed": sum(lv["failed"] for lv in levels),
+                    "tpot_p50_s": statistics.median(lv["tpot_s"]["p50"] for lv in levels),
+                }
+            )
+    for s in servers:
+        for lv, first in zip(s["levels"], servers[0]["levels"], strict=True):
+            lv["ratio_to_first"] = lv["output_throughput"] / first["output_throughput"]
+    return {"max_tokens": max_tokens, "rounds": rounds, "ignore_eos": ignore_eos, "servers": servers}
+
+
+def format_compare(result: dict) -> str:
+    rows = [f"{'server':<32} {'conc':>5} {'out tok/s':>10} {'ratio':>6} {'tokens/req':>10} {'failed':>6}"]
+    for s in result["servers"]:
+        for lv in s["levels"]:
+            rows.append(
+                f"{s['base_url']:<32} {lv['concurrency']:>5} {lv['output_throughput']:>10.1f} "
+                f"{lv['ratio_to_first']:>6.2f} {lv['mean_output_tokens']:>10.1f} {lv['failed']:>6}"
+            )
+    return "\n".join(rows)
 
 
 def format_table(result: dict) -> str:

@@ -13,7 +13,7 @@ from branchwise.engine.plan import ForwardOutput, Plan
 from branchwise.kernels import LINEAR_CONFIGS, backend
 from branchwise.kernels.metadata import AttentionMetadata, build_metadata
 from branchwise.models.attention import StepContext
-from branchwise.models.fused import fused_weights
+from branchwise.models.fused import fused_forward, fused_weights, is_fused
 from branchwise.models.loader import decoder_of
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,15 @@ def to_device(
     meta = build_metadata(
         packed.slots,
         packed.positions,
-        np.diff(packed.query_start).tolist(),
-        packed.seq_lens.tolist(),
+        np.diff(packed.query_start),
+        packed.seq_lens,
         torch.from_numpy(packed.tables),
         packed.masks,
         block_size,
         device,
     )
-    return torch.from_numpy(packed.ids).to(device, non_blocking=True), meta
+    ids = torch.from_numpy(packed.ids)
+    return (ids if device.type == "cpu" else ids.to(device, non_blocking=True)), meta
 
 
 class ModelRunner:
@@ -111,6 +112,8 @@ class ModelRunner:
         self.device = device
         self.graphs: CudaGraphs | None = None
         self.aux: torch.Tensor | None = None  # (max tokens, k H) what `capture` keeps, rewritten each forward
+        self.aux_layers: tuple[int, ...] = ()
+        self.fused = is_fused(self.decoder)  # our lean forward of HF's math, else HF's own forward
 
     def capture(self, layers: list[int], max_tokens: int) -> None:
         """Keep the residual stream entering each of `layers` (the previous layer's output), side by side,
@@ -120,7 +123,8 @@ class ModelRunner:
         param = next(self.model.parameters())
         rows = max(max_tokens, GRAPH_BUCKETS[-1])
         self.aux = torch.zeros(rows, len(layers) * hidden, dtype=param.dtype, device=param.device)
-        for k, i in enumerate(layers):
+        self.aux_layers = tuple(layers)
+        for k, i in enumerate([] if self.fused else layers):  # the fused forward keeps them itself
 
             def keep(module, args, kwargs, k=k) -> None:
                 x = args[0] if args else kwargs["hidden_states"]
@@ -140,11 +144,11 @@ class ModelRunner:
 
     def run_decoder(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """(T, H) final-normed hidden states of the packed batch (eager)."""
+        step = StepContext(self.pool, meta)
+        if self.fused:
+            return fused_forward(self.decoder, ids, meta.positions, step, self.aux, self.aux_layers)
         return self.decoder(
-            input_ids=ids[None],
-            position_ids=meta.positions[None],
-            use_cache=False,
-            branchwise_step=StepContext(self.pool, meta),
+            input_ids=ids[None], position_ids=meta.positions[None], use_cache=False, branchwise_step=step
         ).last_hidden_state[0]
 
     def decode(self, packed: Packed) -> torch.Tensor:
@@ -272,6 +276,7 @@ class CudaGraphs:
             seq_lens_host=[],
             mask_offsets_host=[],
             graph_splits=splits,
+            backend="triton",  # graphs are captured for the Triton kernels only
         )
 
     def _stage(self, packed: Packed | None, bucket: int) -> None:

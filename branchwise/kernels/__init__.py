@@ -66,7 +66,11 @@ def attend(
     sliding_window=None,
 ):
     """Write one layer's new K/V into the pool `kv` (layers, 2, blocks, block_size, Hkv, D), then attend."""
-    if meta.graph_splits and backend(query.device) == "triton":
+    chosen = meta.backend or backend(query.device)  # chosen once per step, not in every layer
+    if chosen == "reference":
+        reference.store_kv(key, value, kv[layer, 0], kv[layer, 1], meta.slot_mapping)
+        return reference.paged_attention(query, kv[layer, 0], kv[layer, 1], meta, scale, sliding_window)
+    if meta.graph_splits:
         from branchwise.kernels import triton_attention  # noqa: F401  (registers the op)
 
         return torch.ops.branchwise.token_tile_attention(

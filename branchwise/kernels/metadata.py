@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from branchwise import kernels
+
+NUMPY_INT = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 @dataclass
@@ -34,6 +39,7 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     mask_offsets_host: list[int]
     graph_splits: int = 0  # > 0: a captured CUDA graph fixed the kernels' tiling (token tiles, this split-K)
+    backend: str = ""  # 'triton' or 'reference', as `kernels.backend` chose when the step was built
     # Derived once per step and reused by every layer (e.g. the reference's gather indices and masks).
     cache: dict = field(default_factory=dict)
 
@@ -43,47 +49,58 @@ class AttentionMetadata:
 
 
 def build_metadata(
-    slot_mapping: list[int] | torch.Tensor,
-    positions: list[int] | torch.Tensor,
-    query_lens: list[int],
-    seq_lens: list[int],
+    slot_mapping: list[int] | np.ndarray | torch.Tensor,
+    positions: list[int] | np.ndarray | torch.Tensor,
+    query_lens: list[int] | np.ndarray,
+    seq_lens: list[int] | np.ndarray,
     block_tables: torch.Tensor,
     masks: list[torch.Tensor | None],
     block_size: int,
     device: torch.device | str,
 ) -> AttentionMetadata:
-    """Pack per-sequence lists into tensors (one host-to-device copy each); block_tables is (B, W) padded."""
-    query_start = [0]
-    for n in query_lens:
-        query_start.append(query_start[-1] + n)
-    offsets, flat, used = [], [], 0
-    for n, mask in zip(query_lens, masks, strict=True):
-        if mask is None:
-            offsets.append(-1)
-        else:
+    """Pack per-sequence lists into tensors (one host-to-device copy each); block_tables is (B, W) padded.
+    Host arrays become tensors without a copy, and on the CPU they are the tensors (every step pays this)."""
+    device = torch.device(device)
+    query_lens = np.asarray(query_lens, dtype=np.int64)
+    query_start = np.zeros(len(query_lens) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start[1:])
+    offsets = [-1] * len(masks)
+    flat, used = [], 0
+    for b, mask in enumerate(masks):
+        if mask is not None:
+            n = int(query_lens[b])
             assert mask.shape == (n, n), f"intra-step mask must be ({n}, {n}), got {tuple(mask.shape)}"
-            offsets.append(used)
+            offsets[b] = used
             flat.append(mask.reshape(-1).to(torch.bool).cpu())
             used += n * n
     custom = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.bool)
-    token_seqs = torch.repeat_interleave(
-        torch.arange(len(query_lens), dtype=torch.int32), torch.tensor(query_lens)
-    )
-    as_tensor = lambda x, dt: torch.as_tensor(x, dtype=dt).to(device, non_blocking=True)
+    total = int(query_start[-1])
+    token_seqs = np.repeat(np.arange(len(query_lens), dtype=np.int32), query_lens)
+    cpu = device.type == "cpu"
+
+    def tensor(x, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            t = x.to(dtype)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=NUMPY_INT[dtype]))
+        return t if cpu else t.to(device, non_blocking=True)
+
+    seq_lens = np.asarray(seq_lens)
     return AttentionMetadata(
-        slot_mapping=as_tensor(slot_mapping, torch.int64),
-        positions=as_tensor(positions, torch.int64),
-        query_start=as_tensor(query_start, torch.int32),
-        seq_lens=as_tensor(seq_lens, torch.int32),
+        slot_mapping=tensor(slot_mapping, torch.int64),
+        positions=tensor(positions, torch.int64),
+        query_start=tensor(query_start, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32),
         block_tables=block_tables.to(device=device, dtype=torch.int32, non_blocking=True),
-        mask_offsets=as_tensor(offsets, torch.int32),
-        custom_mask=custom.to(device, non_blocking=True),
-        token_seqs=token_seqs.to(device, non_blocking=True),
-        token_index=torch.arange(query_start[-1], dtype=torch.int32).to(device, non_blocking=True),
+        mask_offsets=tensor(offsets, torch.int32),
+        custom_mask=custom if cpu else custom.to(device, non_blocking=True),
+        token_seqs=tensor(token_seqs, torch.int32),
+        token_index=tensor(np.arange(total, dtype=np.int32), torch.int32),
         block_size=block_size,
-        max_query_len=max(query_lens, default=0),
-        max_seq_len=max(seq_lens, default=0),
-        query_start_host=query_start,
-        seq_lens_host=list(seq_lens),
+        max_query_len=int(query_lens.max(initial=0)),
+        max_seq_len=int(seq_lens.max(initial=0)),
+        query_start_host=query_start.tolist(),
+        seq_lens_host=seq_lens.tolist(),
         mask_offsets_host=offsets,
+        backend=kernels.backend(device),
     )

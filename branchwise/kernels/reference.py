@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +44,8 @@ class _Group:
     """Sequences whose queries are padded to one (G, Q) batch, with keys gathered to (G, S)."""
 
     q_index: torch.Tensor  # (G, Q) token index of each padded query
-    kv_slots: torch.Tensor  # (G, S) cache slot of each key
+    kv_blocks: torch.Tensor  # (G, ceil(S / block_size)) the blocks holding each sequence's keys, in order
+    num_keys: int  # S: keys per sequence (the longest's; shorter ones' extra keys are masked)
     valid: torch.Tensor  # (n,) flat indices into G*Q of real queries, in token order
     token_index: torch.Tensor  # (n,) their token indices
     mask: torch.Tensor  # (G, 1, Q, S) bool: query may see key
@@ -52,6 +54,7 @@ class _Group:
     windowed: dict = field(default_factory=dict)  # additive masks by (sliding window, dtype)
     cached: int | None = None  # one sequence, plain causal: its keys before this step's (no mask needed)
     first_slot: int | None = None  # ... and its keys lie in consecutive slots from here (no gather needed)
+    in_order: bool = False  # every sequence, one new token each: token g is query g (no gather, no scatter)
 
     def bias_for(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask (0 / -inf; SDPA is faster with it than with booleans), built once per step."""
@@ -67,9 +70,42 @@ class _Group:
         return self.windowed[key]
 
 
+def _decode_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
+    """`_group` for sequences of one new token each, on the CPU: built on the host arrays with numpy (a
+    decode step's metadata costs a few numpy calls, not dozens of small tensor ops)."""
+    lens = np.asarray(meta.seq_lens_host)[seqs]
+    G, S, bs = len(seqs), int(lens.max()), meta.block_size
+    q_index = np.asarray(meta.query_start_host)[seqs][:, None]  # (G, 1)
+    tables = meta.block_tables.numpy()[seqs].astype(np.int64)
+    j = np.arange(S)
+    kv_blocks = tables[:, np.minimum(np.arange(-(-S // bs)), tables.shape[1] - 1)]
+    num_cached = first_slot = None
+    if G == 1 and meta.mask_offsets_host[seqs[0]] < 0:
+        num_cached = S - 1
+        used = tables[0, : -(-S // bs)]
+        if (np.diff(used) == 1).all():
+            first_slot = int(used[0]) * bs
+    q_index_t = torch.from_numpy(q_index)
+    return _Group(
+        q_index=q_index_t,
+        kv_blocks=torch.from_numpy(np.ascontiguousarray(kv_blocks)),
+        num_keys=S,
+        valid=torch.arange(G),
+        token_index=q_index_t[:, 0],
+        mask=torch.from_numpy((j[None, :] < lens[:, None])[:, None, None]),  # (G, 1, 1, S)
+        query_pos=meta.positions[q_index_t][:, :, None],
+        key_pos=torch.from_numpy(j).expand(G, 1, S),
+        cached=num_cached,
+        first_slot=first_slot,
+        in_order=seqs == list(range(meta.num_seqs)),
+    )
+
+
 def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _Group:
     qs, lens, offs = meta.query_start_host, meta.seq_lens_host, meta.mask_offsets_host
     q_lens = [qs[b + 1] - qs[b] for b in seqs]
+    if device.type == "cpu" and max(q_lens) == 1:
+        return _decode_group(meta, seqs)
     Q, S, G = max(q_lens), max(lens[b] for b in seqs), len(seqs)
     sel = torch.tensor(seqs, device=device)
     q_len = torch.tensor(q_lens, device=device)[:, None]  # (G, 1)
@@ -81,7 +117,7 @@ def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _G
     j = torch.arange(S, device=device)
     bs = meta.block_size
     tables = meta.block_tables[sel].long()
-    kv_slots = tables[:, (j // bs).clamp(max=tables.shape[1] - 1)] * bs + j % bs  # (G, S)
+    kv_blocks = tables[:, torch.arange(-(-S // bs), device=device).clamp(max=tables.shape[1] - 1)]
 
     num_cached, first_slot = None, None
     if G == 1 and offs[seqs[0]] < 0 and device.type == "cpu":  # (a host read: CPU only)
@@ -94,7 +130,8 @@ def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _G
         key_pos = j[None, None, :].expand(G, 1, S)
         return _Group(
             q_index=q_index,
-            kv_slots=kv_slots,
+            kv_blocks=kv_blocks,
+            num_keys=S,
             valid=torch.arange(G, device=device),
             token_index=q_index[:, 0],
             mask=mask,
@@ -123,7 +160,8 @@ def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _G
     flat = (torch.arange(G, device=device)[:, None] * Q + i).masked_select(real)
     return _Group(
         q_index=q_index,
-        kv_slots=kv_slots,
+        kv_blocks=kv_blocks,
+        num_keys=S,
         valid=flat,
         token_index=q_index.masked_select(real),
         mask=mask[:, None],
@@ -156,26 +194,30 @@ def paged_attention(
     """Attention of new tokens (T, Hq, D) over their sequences' cached + new K/V; returns (T, Hq, D)."""
     T, Hq, D = query.shape
     Hkv = k_cache.shape[2]
-    keys = k_cache.view(-1, Hkv * D)  # (slots, Hkv * D)
-    values = v_cache.view(-1, Hkv * D)
-    out = query.new_empty(T, Hq, D)
+    out = None
     for g in _groups(meta, query.device):
-        G, S = g.kv_slots.shape
-        q = query[g.q_index].transpose(1, 2)  # (G, Hq, Q, D)
+        (G, nb), S, bs = g.kv_blocks.shape, g.num_keys, k_cache.shape[1]
+        q = query[:, None] if g.in_order else query[g.q_index]
+        q = q.transpose(1, 2)  # (G, Hq, Q, D)
         if g.first_slot is not None:  # a view, no copy
-            k, v = (t[g.first_slot : g.first_slot + S] for t in (keys, values))
-        else:
-            slots = g.kv_slots.view(-1)
-            k, v = keys.index_select(0, slots), values.index_select(0, slots)
-        k = k.view(G, S, Hkv, D).transpose(1, 2).to(q.dtype)  # (G, Hkv, S, D)
-        v = v.view(G, S, Hkv, D).transpose(1, 2).to(q.dtype)
+            k, v = (t.view(-1, Hkv, D)[None, g.first_slot : g.first_slot + S] for t in (k_cache, v_cache))
+        else:  # whole blocks gathered (a few large copies, not one per key), then the first S keys
+            blocks = g.kv_blocks.reshape(-1)
+            k, v = (t.index_select(0, blocks).view(G, nb * bs, Hkv, D)[:, :S] for t in (k_cache, v_cache))
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (G, Hkv, S, D)
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if g.cached is not None and not sliding_window:
             o = _causal(q, k, v, g.cached, scale)
         else:
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=g.bias_for(sliding_window, q.dtype), scale=scale, enable_gqa=Hq != Hkv
             )
-        out[g.token_index] = o.transpose(1, 2).reshape(-1, Hq, D)[g.valid]
+        o = o.transpose(1, 2).reshape(-1, Hq, D)
+        if g.in_order:
+            return o
+        out = query.new_empty(T, Hq, D) if out is None else out
+        out[g.token_index] = o[g.valid]
     return out
 
 

@@ -3,19 +3,18 @@
 A decode step reads every weight once and does little else, so seven GEMM launches a layer becoming four
 is time saved (the small k/v projections were launches of their own), and every GEMM goes through
 `kernels.linear`, which may take the skinny Triton GEMM. Applied at load to the architectures whose
-attention and MLP forwards are mirrored here; any other model keeps HF's modules.
+attention and MLP forwards are mirrored here; any other model keeps HF's modules. A fused model runs
+`fused_forward`, HF's decoder math op for op without HF's per-module Python (see its docstring).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from branchwise import kernels
-from branchwise.models.attention import paged_attention_forward
 
 FUSED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -30,25 +29,29 @@ def _concat(*projs: nn.Linear) -> nn.Linear:
     return fused
 
 
-class FusedAttention(nn.Module):
-    """Mixed into an HF attention class: its forward, with q/k/v from one GEMM (q_norm/k_norm if any)."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as HF's `apply_rotary_pos_emb` computes it (same ops, same rounding), on (T, heads, D)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def forward(
-        self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs
-    ):
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        qkv = kernels.linear(hidden_states, self.qkv_proj.weight, self.qkv_proj.bias)
-        q, k, v = (t.view(shape) for t in qkv.split(self.qkv_sizes, -1))
+
+class FusedAttention(nn.Module):
+    """Mixed into an HF attention class: q/k/v from one GEMM (q_norm/k_norm if any), RoPE on q and k
+    together (one set of elementwise ops), on (T, heads, D) throughout: no transposes."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor:
+        qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).view(x.shape[0], -1, self.head_dim)
+        nq, nkv = self.num_heads_here
         if self.has_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = self.apply_rotary(q, k, *position_embeddings)
-        out, _ = paged_attention_forward(
-            self, q, k, v, None, scaling=self.scaling, sliding_window=self.window, **kwargs
-        )
-        out = out.reshape(*hidden_states.shape[:-1], -1)
-        out = kernels.linear(out, self.o_proj.weight, self.o_proj.bias)
-        return (self.reduce(out) if self.reduce else out), None
+            q = rotate(self.q_norm(qkv[:, :nq]), cos, sin)
+            k = rotate(self.k_norm(qkv[:, nq : nq + nkv]), cos, sin)
+        else:
+            qk = rotate(qkv[:, : nq + nkv], cos, sin)
+            q, k = qk[:, :nq], qk[:, nq:]
+        v = qkv[:, nq + nkv :]
+        out = kernels.attend(q, k, v, step.kv, self.layer_idx, step.meta, self.scaling, self.window)
+        out = kernels.linear(out.reshape(x.shape[0], -1), self.o_proj.weight, self.o_proj.bias)
+        return self.reduce(out) if self.reduce else out
 
 
 class FusedMLP(nn.Module):
@@ -83,7 +86,7 @@ def fuse_layer(layer: nn.Module, model_type: str, reduce: Callable | None = None
     attn.window = getattr(attn, "sliding_window", None)
     if model_type == "mistral":
         attn.window = getattr(attn.config, "sliding_window", None)
-    attn.apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # a plain function
+    attn.num_heads_here = (attn.qkv_sizes[0] // attn.head_dim, attn.qkv_sizes[1] // attn.head_dim)
     _mix(attn, FusedAttention)
     mlp.gate_up_proj = _concat(mlp.gate_proj, mlp.up_proj)
     del mlp.gate_proj, mlp.up_proj
@@ -99,6 +102,35 @@ def fuse_projections(model: nn.Module, reduce: Callable | None = None) -> bool:
     for layer in layers:
         fuse_layer(layer, model_type, reduce)
     return True
+
+
+def is_fused(decoder: nn.Module) -> bool:
+    layers = getattr(decoder, "layers", None)
+    return bool(layers) and isinstance(layers[0].self_attn, FusedAttention)
+
+
+def fused_forward(
+    decoder: nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    step,
+    aux: torch.Tensor | None = None,
+    aux_layers: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """(T,) tokens -> (T, H) final-normed hidden states of a fused decoder: the math of HF's forward (its
+    norms, residuals, rotary table), without its module calls, decorators and mask building, which cost a
+    small model's decode step more than its GEMMs. `aux` gets the residual stream entering `aux_layers`."""
+    h = decoder.embed_tokens(input_ids)
+    cos, sin = decoder.rotary_emb(h, positions[None])  # (1, T, D), once for every layer
+    cos, sin = cos[0, :, None], sin[0, :, None]
+    hidden = h.shape[-1]
+    for i, layer in enumerate(decoder.layers[: decoder.config.num_hidden_layers]):
+        for k, j in enumerate(aux_layers):  # a layer may be named twice
+            if j == i:
+                aux[: h.shape[0], k * hidden : (k + 1) * hidden].copy_(h)
+        h = h + layer.self_attn.forward(layer.input_layernorm.forward(h), cos, sin, step)
+        h = h + layer.mlp.forward(layer.post_attention_layernorm.forward(h))
+    return decoder.norm.forward(h)
 
 
 def fused_weights(model: nn.Module) -> list[torch.Tensor]:

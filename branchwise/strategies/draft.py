@@ -66,15 +66,19 @@ def draft_chains(
                 logits = logits + sampler.logit_bias(group, logits.shape[-1], logits.device)
             if any(s.matcher is not None for s in group):  # draft only what the grammar allows
                 logits = _masked(ctx, logits, group)
-            q = sampler.target_probs(logits[:, None], group)[:, 0]
-            u = torch.tensor(
-                [0.5 if s.params.greedy else float(torch.rand(1, generator=s.generator)) for s in group]
-            )
-            tokens = sampler.sample_from(q, u.to(q.device)).tolist()
+            if all(s.params.greedy for s in group):  # one-hot distributions: their argmax, not built
+                q, tokens = None, logits.argmax(-1).tolist()
+            else:
+                q = sampler.target_probs(logits[:, None], group)[:, 0]
+                u = torch.tensor(
+                    [0.5 if s.params.greedy else float(torch.rand(1, generator=s.generator)) for s in group]
+                )
+                tokens = sampler.sample_from(q, u.to(q.device)).tolist()
             drafter.cost.observe(sum(len(p.tokens) for p in plans), time.perf_counter() - started)
             for j, i in enumerate(idx):
                 drafts[i].append(tokens[j])
-                probs[i].append(q[j])
+                if q is not None:
+                    probs[i].append(q[j])
                 matcher = seqs[i].matcher
                 if matcher is not None:  # advanced through the draft here, rolled back below
                     consumed[i] += matcher.consume_token(tokens[j])

@@ -394,8 +394,9 @@ def _part(rng: random.Random, negatives: bool = False) -> tuple[str, int]:
     if op == "+":
         a, b = rng.randint(1, 60), rng.randint(1, 60)
         return f"{a}+{b}", a + b
-    if op == "-" and negatives:  # any order: a negative difference about a third of the time
-        a, b = rng.randint(1, 90), rng.randint(1, 90)
+    if op == "-" and negatives:  # any order, small operands too (5-2, 3-9): negative about half the time
+        top = rng.choice([9, 30, 90])
+        a, b = rng.randint(1, top), rng.randint(1, top)
         return f"{a}-{b}", a - b
     if op == "-":
         a = rng.randint(10, 90)
@@ -712,12 +713,12 @@ def conversation(rng: random.Random) -> tuple[list[dict], list[dict] | None, tup
     if rng.random() < 0.4:
         messages.append({"role": "system", "content": system_prompt(rng)})
     tools = None
-    kind = rng.choices(["arithmetic", "extraction", "tool"], weights=[0.45, 0.4, 0.15])[0]
+    kind = rng.choices(["arithmetic", "extraction", "tool"], weights=[0.55, 0.3, 0.15])[0]
     if kind == "tool" or rng.random() < 0.05:  # a few chats carry tools they do not need
         names = rng.sample(list(TOOLS), rng.choice([1, 1, 2, 2, 3]))
         tools = [TOOLS[n] for n in names]
     else:
-        for _ in range(rng.choice([0, 0, 0, 1, 1, 2])):  # earlier turns about something else
+        for _ in range(rng.choice([0, 0, 1, 1, 2])):  # earlier turns about something else
             user, answer = _earlier_turn(rng)
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     if kind == "tool":
@@ -735,7 +736,7 @@ def conversation(rng: random.Random) -> tuple[list[dict], list[dict] | None, tup
         message, answer, _ = extraction(rng, open_ended=rng.random() < 0.9)
         messages += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
         return messages, tools, None
-    message, paths, conclusion, answer = arithmetic(rng, negatives=rng.random() < 0.6)
+    message, paths, conclusion, answer = arithmetic(rng, negatives=rng.random() < 0.75)
     messages.append({"role": "user", "content": message})
     return messages, tools, (paths, conclusion, answer)
 
