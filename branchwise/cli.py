@@ -114,7 +114,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     if len(urls) > 1:
         concurrency = [int(c) for c in args.concurrency.split(",")]
         result = bench_compare(
-            urls, prompts, concurrency, args.max_tokens, args.rounds, args.api_key, args.seed
+            urls,
+            prompts,
+            concurrency,
+            args.max_tokens,
+            args.rounds,
+            args.request_rate,
+            args.model,
+            args.api_key,
+            args.seed,
         )
         print(format_compare(result))
         out.write_text(json.dumps(result, indent=2))

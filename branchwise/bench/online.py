@@ -175,6 +175,8 @@ def bench_compare(
     concurrency: list[int],
     max_tokens: int = 128,
     rounds: int = 3,
+    request_rate: float = float("inf"),
+    model: str | None = None,
     api_key: str | None = None,
     seed: int = 0,
 ) -> dict:
@@ -182,7 +184,7 @@ def bench_compare(
     median output throughput per level over the rounds, and its ratio to the first server's. The same
     requests go to every server: `ignore_eos` only if every server takes it (else greedy requests stop at
     EOS everywhere, and the same weights write the same tokens: compare `mean_output_tokens`)."""
-    servers = [{"base_url": url, "model": model_of(url, api_key)} for url in base_urls]
+    servers = [{"base_url": url, "model": model or model_of(url, api_key)} for url in base_urls]
     ignore_eos = all(accepts_ignore_eos(s["base_url"], s["model"], api_key) for s in servers)
     runs = {(i, c): [] for i in range(len(servers)) for c in concurrency}
     for r in range(rounds):
@@ -197,7 +199,7 @@ def bench_compare(
                     prompts,
                     max_tokens,
                     c,
-                    float("inf"),
+                    request_rate,
                     api_key,
                     seed,
                     False,

@@ -123,8 +123,8 @@ class ModelRunner:
         param = next(self.model.parameters())
         rows = max(max_tokens, GRAPH_BUCKETS[-1])
         self.aux = torch.zeros(rows, len(layers) * hidden, dtype=param.dtype, device=param.device)
-        self.aux_layers = tuple(layers)
-        for k, i in enumerate([] if self.fused else layers):  # the fused forward keeps them itself
+        self.aux_layers = tuple(layers)  # the fused forward copies them itself; HF's forward needs hooks
+        for k, i in enumerate(layers if not self.fused else []):
 
             def keep(module, args, kwargs, k=k) -> None:
                 x = args[0] if args else kwargs["hidden_states"]

@@ -82,9 +82,8 @@ def _decode_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
     num_cached = first_slot = None
     if G == 1 and meta.mask_offsets_host[seqs[0]] < 0:
         num_cached = S - 1
-        used = tables[0, : -(-S // bs)]
-        if (np.diff(used) == 1).all():
-            first_slot = int(used[0]) * bs
+        if (np.diff(kv_blocks[0]) == 1).all():
+            first_slot = int(kv_blocks[0, 0]) * bs
     q_index_t = torch.from_numpy(q_index)
     return _Group(
         q_index=q_index_t,
