@@ -43,6 +43,7 @@ class LLM:
         parallel_tool_calls: bool = True,
         chat_template_kwargs: dict | None = None,
         strategy: str | None = None,
+        strategy_params: dict | None = None,
     ) -> RequestOutput | list[RequestOutput]:
         """Chat completions, as /v1/chat/completions does them: OpenAI-shaped messages and tools; the
         outputs carry `reasoning` and `tool_calls` (finish_reason "tool_calls") where they apply. A list of
@@ -70,7 +71,7 @@ class LLM:
             keep = params.skip_special_tokens and not plan.keep_special
             each.append(dataclasses.replace(params, constraint=plan.constraint, skip_special_tokens=keep))
             prompts.append(self.tokenizer.encode(plan.prompt_text, add_special_tokens=False))
-        outs = self.generate(prompts, each, strategy)
+        outs = self.generate(prompts, each, strategy, strategy_params)
         for plan, out in zip(plans, outs, strict=True):
             for o in out.outputs:
                 message, has_calls = message_of(plan, o.text)
