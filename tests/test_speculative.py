@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
@@ -202,6 +204,61 @@ def test_adaptive_k_drafts_at_low_load_and_stops_when_the_forward_is_compute_bou
     strategy.begin_step(StepStats(step=3, goodput=1000.0, per_token=cost.fit()[1]))
     seq.strategy_state = Acceptance(accepted=8.0, rejected=2.0, step=3)
     assert strategy.lookahead(seq) == 0
+
+
+def _stand_in_seq():
+    seq = type("S", (), {})  # what draft_length reads
+    seq.strategy_params, seq.num_output_tokens, seq.num_tokens = {}, 0, 10
+    seq.params = SamplingParams(max_tokens=100)
+    return seq
+
+
+def test_adaptive_k_sets_each_plain_step_against_the_drafting_steps_around_it(monkeypatch):
+    """A batch drains while it drafts, so plain steps meet batches unlike most drafting steps': the
+    drafting steps right before and after each plain step yield less than it, and the penalty rises,
+    although the drafting steps farther away (a fuller batch) yielded far more."""
+    monkeypatch.setattr(speculative, "PLAIN_EVERY", 4)  # plain steps 1, 5, 9, 13, ...
+    k = speculative.AdaptiveK("t", 8)
+    last = (0, 0.0)
+    for step in range(1, 11):
+        k.begin_step(StepStats(step=step, last_tokens=last[0], last_seconds=last[1], running=Counter(t=4)))
+        k.drafting = not k.plain
+        neighbour = (step - 1) % 4 in (1, 3)
+        last = (20, 0.1) if k.plain else (10, 0.1) if neighbour else (100, 0.1)
+    assert k.penalty == 3.0  # the window of plain steps 1, 5, 9 closed on the pair 4 | 5 | 6
+
+
+def test_adaptive_k_threshold_follows_a_batch_that_just_filled_up():
+    """Right after a batch drained, the smoothed goodput is still a small batch's; what a drafted token
+    must beat is what a plain step of the 32 sequences now running yields (by the fitted step cost)."""
+    k = speculative.AdaptiveK("t", 8)
+    k.begin_step(StepStats(step=5, goodput=100.0, per_token=0.0005, fixed=0.010, running=Counter(t=32)))
+    assert k.threshold() == pytest.approx(0.0005 * 32 / (0.010 + 0.0005 * 32))
+    ev = Acceptance(accepted=5.0, rejected=5.0, step=5)  # about one token in two accepted
+    assert k.draft_length(_stand_in_seq(), ev, 1000) == 0  # by the stale goodput alone: 4 tokens
+    k.begin_step(StepStats(step=6, goodput=100.0, per_token=0.0005, fixed=0.010, running=Counter(t=1)))
+    assert k.draft_length(_stand_in_seq(), ev, 1000) == 4
+
+
+def test_adaptive_k_counts_what_its_whole_steps_cost_per_fed_token():
+    """Steps of this strategy that grow by 2 ms per fed token (drafting and verifying on the host) set the
+    cost of a drafted token, not the target forward's 0.1 ms alone."""
+    k = speculative.AdaptiveK("t", 8)
+    for step, fed in enumerate((1, 4, 9, 2, 6, 11, 3), start=2):
+        k.begin_step(
+            StepStats(
+                step=step,
+                goodput=100.0,
+                per_token=0.0001,
+                fixed=0.01,
+                last_tokens=fed,
+                last_fed=fed,
+                last_seconds=0.01 + 0.002 * fed,
+                running=Counter(t=1),
+            )
+        )
+        k.drafting = not k.plain
+    assert k.threshold() == pytest.approx(0.002 * 100.0, rel=1e-3)
 
 
 def test_draft_strategy_needs_a_draft_model_of_the_same_vocabulary(tmp_path, tiny_llama, prompts):

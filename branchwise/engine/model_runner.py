@@ -108,6 +108,7 @@ class ModelRunner:
         self.decoder = decoder_of(model)
         self.lm_head = model.get_output_embeddings()
         self.pool = pool
+        self.layer_caches = [(pool[i, 0], pool[i, 1]) for i in range(pool.shape[0])]
         self.block_size = block_size
         self.device = device
         self.graphs: CudaGraphs | None = None
@@ -144,7 +145,7 @@ class ModelRunner:
 
     def run_decoder(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """(T, H) final-normed hidden states of the packed batch (eager)."""
-        step = StepContext(self.pool, meta)
+        step = StepContext(self.pool, meta, self.layer_caches)
         if self.fused:
             return fused_forward(self.decoder, ids, meta.positions, step, self.aux, self.aux_layers)
         return self.decoder(

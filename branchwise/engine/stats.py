@@ -36,7 +36,15 @@ class StepStats:
     step: int = 0
     goodput: float = 0.0  # tokens committed per second of step, smoothed
     per_token: float = 0.0  # seconds one more fed token adds to the target forward (fitted)
+    fixed: float = 0.0  # seconds of a target forward whatever it is fed (fitted with per_token)
     last_tokens: int = 0  # tokens the last step committed
     last_seconds: float = 0.0  # and how long it took
+    last_fed: int = 0  # and how many tokens it fed the target
     last_prefilled: bool = False  # the last step carried prefill chunks (it says little about decoding)
     running: Counter = field(default_factory=Counter)  # running sequences per strategy name
+
+    def plain_goodput(self) -> float:
+        """Tokens per second a step of the running batch would yield with no drafts (from the fit): unlike
+        the smoothed `goodput`, it follows the batch at once (a full batch right after a draining one)."""
+        n = sum(self.running.values())
+        return n / (self.fixed + self.per_token * n) if n and self.fixed + self.per_token > 0 else 0.0

@@ -64,12 +64,15 @@ def attend(
     meta: AttentionMetadata,
     scale: float,
     sliding_window=None,
+    layer_caches=None,
 ):
-    """Write one layer's new K/V into the pool `kv` (layers, 2, blocks, block_size, Hkv, D), then attend."""
+    """Write one layer's new K/V into the pool `kv` (layers, 2, blocks, block_size, Hkv, D), then attend;
+    `layer_caches[layer]` is (kv[layer, 0], kv[layer, 1]) made ahead, if given."""
     chosen = meta.backend or backend(query.device)  # chosen once per step, not in every layer
     if chosen == "reference":
-        reference.store_kv(key, value, kv[layer, 0], kv[layer, 1], meta.slot_mapping)
-        return reference.paged_attention(query, kv[layer, 0], kv[layer, 1], meta, scale, sliding_window)
+        k_cache, v_cache = layer_caches[layer] if layer_caches is not None else (kv[layer, 0], kv[layer, 1])
+        reference.store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        return reference.paged_attention(query, k_cache, v_cache, meta, scale, sliding_window)
     if meta.graph_splits:
         from branchwise.kernels import triton_attention  # noqa: F401  (registers the op)
 

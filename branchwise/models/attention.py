@@ -22,6 +22,7 @@ ATTENTION_NAME = "branchwise_paged"
 class StepContext:
     kv: torch.Tensor  # this model's pool: (layers, 2, blocks, block_size, kv_heads, head_dim)
     meta: AttentionMetadata
+    layer_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # kv[l, 0], kv[l, 1], made once
 
 
 def paged_attention_forward(
@@ -39,7 +40,9 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # (T, Hq, D)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
-    out = kernels.attend(q, k, v, step.kv, module.layer_idx, step.meta, scale, sliding_window)
+    out = kernels.attend(
+        q, k, v, step.kv, module.layer_idx, step.meta, scale, sliding_window, step.layer_caches
+    )
     return out[None], None  # (1, T, Hq, D)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from branchwise import kernels
@@ -29,10 +30,28 @@ def _concat(*projs: nn.Linear) -> nn.Linear:
     return fused
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as HF's `apply_rotary_pos_emb` computes it (same ops, same rounding), on (T, heads, D)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (T, heads, D) with the rounding of HF's `apply_rotary_pos_emb`, x * cos + rotate_half(x) *
+    sin, in four ops: rotate_half(x) is x rolled by half with its first half negated, and the negation
+    moves onto sin (`signed_sin`: (-a) * b == a * (-b) exactly)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An HF RMSNorm as one op where that gives its very numbers (checked once per module), else its own
+    forward: on a small model's decode step the five ops of HF's version cost more than the math."""
+    one_op = norm.__dict__.get("one_op")
+    if one_op is None:
+        eps = getattr(norm, "variance_epsilon", None)
+        one_op = False
+        if eps is not None and type(norm).__name__.endswith("RMSNorm"):
+            w = norm.weight  # a probe with no draw from the global generator (sampling may use it)
+            probe = (torch.arange(3 * w.shape[0], device=w.device).view(3, -1).sin() * 3).to(w.dtype)
+            one_op = torch.equal(norm.forward(probe), F.rms_norm(probe, norm.weight.shape, norm.weight, eps))
+        norm.one_op = one_op
+    if one_op:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm.forward(x)
 
 
 class FusedAttention(nn.Module):
@@ -40,16 +59,19 @@ class FusedAttention(nn.Module):
     together (one set of elementwise ops), on (T, heads, D) throughout: no transposes."""
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor:
+        """`sin` signed as `rotate` takes it."""
         qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).view(x.shape[0], -1, self.head_dim)
         nq, nkv = self.num_heads_here
         if self.has_qk_norm:
-            q = rotate(self.q_norm(qkv[:, :nq]), cos, sin)
-            k = rotate(self.k_norm(qkv[:, nq : nq + nkv]), cos, sin)
+            q = rotate(rms_norm(self.q_norm, qkv[:, :nq]), cos, sin)
+            k = rotate(rms_norm(self.k_norm, qkv[:, nq : nq + nkv]), cos, sin)
         else:
             qk = rotate(qkv[:, : nq + nkv], cos, sin)
             q, k = qk[:, :nq], qk[:, nq:]
         v = qkv[:, nq + nkv :]
-        out = kernels.attend(q, k, v, step.kv, self.layer_idx, step.meta, self.scaling, self.window)
+        out = kernels.attend(
+            q, k, v, step.kv, self.layer_idx, step.meta, self.scaling, self.window, step.layer_caches
+        )
         out = kernels.linear(out.reshape(x.shape[0], -1), self.o_proj.weight, self.o_proj.bias)
         return self.reduce(out) if self.reduce else out
 
@@ -122,15 +144,16 @@ def fused_forward(
     small model's decode step more than its GEMMs. `aux` gets the residual stream entering `aux_layers`."""
     h = decoder.embed_tokens(input_ids)
     cos, sin = decoder.rotary_emb(h, positions[None])  # (1, T, D), once for every layer
-    cos, sin = cos[0, :, None], sin[0, :, None]
+    half = sin.shape[-1] // 2
+    cos, sin = cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
     hidden = h.shape[-1]
     for i, layer in enumerate(decoder.layers[: decoder.config.num_hidden_layers]):
         for k, j in enumerate(aux_layers):  # a layer may be named twice
             if j == i:
                 aux[: h.shape[0], k * hidden : (k + 1) * hidden].copy_(h)
-        h = h + layer.self_attn.forward(layer.input_layernorm.forward(h), cos, sin, step)
-        h = h + layer.mlp.forward(layer.post_attention_layernorm.forward(h))
-    return decoder.norm.forward(h)
+        h = h + layer.self_attn.forward(rms_norm(layer.input_layernorm, h), cos, sin, step)
+        h = h + layer.mlp.forward(rms_norm(layer.post_attention_layernorm, h))
+    return rms_norm(decoder.norm, h)
 
 
 def fused_weights(model: nn.Module) -> list[torch.Tensor]:

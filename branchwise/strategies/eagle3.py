@@ -220,6 +220,8 @@ class Eagle3Strategy(MTPStrategy):
             p, st = plans[i], self.state(plans[i].seq)
             self.k.observe(st, int(p.payload.depth.max()), len(v.tokens) - 1)
             # the target rows of the kept tokens, in order (a new list: a retry's snapshot holds the old one)
-            st.hidden = [*st.hidden[:-1], st.hidden[-1][v.kv_keep]]
+            kept = st.hidden[-1][v.kv_keep]
+            st.held += len(kept) - len(st.hidden[-1])
+            st.hidden = [*st.hidden[:-1], kept]
             st.computed = min(st.computed, p.start + 1)  # entries after the root: recomputed from features
         return verdicts

@@ -36,6 +36,7 @@ class MTPState(Acceptance):
     computed: int = 0  # module entries 0..computed-1 are in its K/V
     first: int = -1  # position of the first kept target hidden row
     hidden: list[torch.Tensor] = field(default_factory=list)  # the target's hidden rows from `first` on
+    held: int = 0  # how many rows `hidden` holds (counted: a sequence that does not draft keeps adding)
     first_block: int = 0  # the module attends to its entries from this block on
     hashes: list[int] = field(default_factory=list)  # chain hashes of the sequence's full blocks' prefixes
     marked: int = 0  # blocks whose entries are registered in `written`
@@ -111,6 +112,7 @@ class MTPStrategy(Strategy):
         st.computed = position
         st.first = position - 1
         st.hidden = [torch.zeros(1, self.feature_width, dtype=self.ctx.dtype, device=self.ctx.device)]
+        st.held = 1
         st.first_block = first_block
         st.marked = max(first_block, position // self.ctx.block_size)
 
@@ -135,13 +137,14 @@ class MTPStrategy(Strategy):
         """Keep the target's hidden state of every fed position for the module's next catch-up."""
         for p, row in zip(plans, out.token_rows, strict=True):
             st = self.state(p.seq)
-            have = st.first + sum(len(h) for h in st.hidden)
+            have = st.first + st.held
             if st.first > p.start or have < p.start:  # a gap: a prefix-cache hit, a forked sibling
                 self._restart(st, p.start, self._reused_from(p.seq, st, p.start))
             elif have > p.start:  # rows of tokens the target did not keep (rejected drafts)
                 rows = torch.cat(st.hidden)[: p.start - st.first]
-                st.hidden = [rows]
+                st.hidden, st.held = [rows], len(rows)
             st.hidden.append(self.features(out)[row : row + len(p.tokens)].clone())
+            st.held += len(p.tokens)
 
     def features(self, out: ForwardOutput) -> torch.Tensor:
         """(T, feature_width) what the module reads of every fed token: the final-normed hidden state."""
@@ -162,7 +165,7 @@ class MTPStrategy(Strategy):
         tokens = seq.token_ids[st.computed : seq.num_computed + 1]
         plan = Plan(seq, tokens, start=st.computed, payload=rows, first_block=first_block)
         st.computed = seq.num_computed + 1
-        st.first, st.hidden = seq.num_computed, []
+        st.first, st.hidden, st.held = seq.num_computed, [], 0
         full = seq.num_computed // bs  # blocks whose entries are now written
         hashes = self._hashes(seq, st, full)
         for b in range(st.marked, full):

@@ -3,10 +3,13 @@
 Drafting k tokens pays when the expected number of extra accepted tokens beats what feeding them costs.
 With a per-token acceptance rate a, the k-th drafted token is used with probability a^k; feeding it costs
 `per_token` seconds of the target forward (fitted online from the engine's own steps) plus its drafting
-cost, against a step that yields `goodput` tokens per second. So a sequence drafts every k with
-a^k > (per_token + draft_cost) * goodput: at batch 1 a step is mostly fixed cost and drafting is nearly
-free; at high load the forward is compute-bound, per_token * goodput nears 1 and K falls to 0 unless the
-drafts are almost always right. Nothing here changes outputs: verification keeps them lossless.
+cost (or, if more, what this strategy's whole steps grow by per fed token: host work counted), against a
+step that yields `goodput` tokens per second (the smoothed rate, or what a plain step of the batch now
+running yields by the fitted cost, if more: a batch that just filled up is not judged by the rate of the
+drained one before it). So a sequence drafts every k with a^k > cost * goodput: at batch 1 a step is
+mostly fixed cost and drafting is nearly free; at high load the forward is compute-bound, cost * goodput
+nears 1 and K falls to 0 unless the drafts are almost always right. Nothing here changes outputs:
+verification keeps them lossless.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from branchwise.engine.sequence import Sequence
-from branchwise.engine.stats import StepStats
+from branchwise.engine.stats import CostModel, StepStats
 
 DECAY = 0.9  # per step, a sequence's acceptance evidence fades: one that stopped drafting is retried
 PLAIN_EVERY = 16  # every 16th step nobody drafts: the yardstick speculation must beat
@@ -51,7 +54,10 @@ class AdaptiveK:
         self.accepted, self.rejected = 2.0, 1.0  # strategy-wide evidence: the prior of a new sequence
         self.window = {True: (0, 0.0), False: (0, 0.0)}  # drafting? -> (tokens, seconds) of such steps
         self.window_plain_steps = 0
+        self.before = None  # (tokens, seconds) of the last step, if it drafted
+        self.paired = None  # (the drafting step before, the plain step) awaiting the drafting step after
         self.penalty = 1.0
+        self.step_cost = CostModel()  # whole steps of this strategy alone (drafting included) vs tokens fed
         self.stats = StepStats()
         self.plain = False  # this step nobody drafts
         self.drafting = False  # some sequence drafted this step (the strategy says so in propose)
@@ -60,17 +66,30 @@ class AdaptiveK:
     def begin_step(self, stats: StepStats) -> None:
         """Credit the last step to its mode, steer the penalty every few plain steps, pick this step's mode.
 
-        Drafting steps and plain steps interleave, so over a window of WINDOW plain steps both see the same
-        requests and nearly the same batch: if the drafting steps yielded fewer tokens per second than the
-        plain ones, the penalty triples; if more, it falls; with no drafting in the window it fades slowly,
-        so a lighter load tries again. Steps that carry prefill chunks say nothing about decoding: skipped.
+        Each plain step is compared with the drafting steps right before and right after it, which run
+        nearly the same batch (a plain step in a draining batch must not be set against drafting steps
+        of a full one): over WINDOW plain steps, if those drafting steps yielded fewer tokens per second
+        than the plain ones, the penalty triples; if more, it falls; with no drafting neighbour in the
+        window it fades slowly, so a lighter load tries again. Steps that carry prefill chunks say nothing
+        about decoding: skipped, and they break a pair.
         """
-        if stats.step > 1 and not stats.last_prefilled and stats.last_tokens:
-            mode = False if self.plain else (True if self.drafting else None)
-            if mode is not None:
-                tokens, seconds = self.window[mode]
-                self.window[mode] = (tokens + stats.last_tokens, seconds + stats.last_seconds)
-                self.window_plain_steps += not mode
+        sample = (stats.last_tokens, stats.last_seconds)
+        mode = False if self.plain else (True if self.drafting else None)
+        if stats.step <= 1 or stats.last_prefilled or not stats.last_tokens:
+            mode = None
+        if mode is not None and stats.running[self.name] == sum(stats.running.values()):
+            self.step_cost.observe(stats.last_fed, stats.last_seconds)
+        if mode is False:
+            self.window_plain_steps += 1
+            self.paired = (self.before, sample) if self.before is not None else None
+        elif mode is True and self.paired is not None:
+            (before, plain), after = self.paired, sample
+            self._credit(True, before, 0.5)
+            self._credit(True, after, 0.5)
+            self._credit(False, plain, 1.0)
+        if mode is not False:
+            self.paired = None
+        self.before = sample if mode is True else None
         if self.window_plain_steps >= WINDOW:
             (spec_tokens, spec_s), (plain_tokens, plain_s) = self.window[True], self.window[False]
             if spec_tokens == 0:
@@ -87,9 +106,17 @@ class AdaptiveK:
         self.drafting = False
         self.num_candidates = max(1, stats.running[self.name])
 
+    def _credit(self, drafting: bool, sample: tuple[int, float], weight: float) -> None:
+        tokens, seconds = self.window[drafting]
+        self.window[drafting] = (tokens + weight * sample[0], seconds + weight * sample[1])
+
     def threshold(self, draft_cost: float = 0.0) -> float:
         """The acceptance probability one more drafted token must beat, this step."""
-        return (self.stats.per_token + draft_cost) * self.stats.goodput * self.penalty
+        goodput = max(self.stats.goodput, self.stats.plain_goodput())
+        # what one more fed token costs: the target's share plus drafting's, or, if more, what this
+        # strategy's whole steps grow by per fed token (host work of drafting and verifying counted)
+        cost = max(self.stats.per_token + draft_cost, self.step_cost.fit()[1])
+        return cost * goodput * self.penalty
 
     def acceptance(self, ev: Acceptance) -> float:
         """Estimated probability that the sequence's next drafted token is accepted."""
