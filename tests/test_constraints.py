@@ -157,6 +157,30 @@ def test_jump_forward_appends_forced_tokens_without_sampling(llm, prompts):
     assert sum(s.value for m in forced for s in m.samples if s.name.endswith("_total")) > 0
 
 
+def test_drafting_goes_on_right_after_a_forced_continuation(llm, prompts):
+    """A grammar's forced tokens are fed with drafts after them in the same step (draft model, prompt
+    lookup), not in a step of their own without drafts; the tokens stay those of `ar`."""
+    params = SamplingParams(temperature=0, max_tokens=200, constraint=Constraint.json_schema(SCHEMAS["refs"]))
+    ar = [o.token_ids for o in texts(llm, prompts[:4], params, "ar")]
+    for name in ("draft", "ngram"):
+        strategy, seen = llm.engine.strategy(name), []
+        propose = strategy.propose
+
+        def spy(seqs, budgets, propose=propose, seen=seen):
+            pending = [s.num_pending for s in seqs]
+            plans = propose(seqs, budgets)
+            seen += [(n, len(p.drafts)) for n, p in zip(pending, plans, strict=True)]
+            return plans
+
+        strategy.propose = spy
+        try:
+            outs = texts(llm, prompts[:4], params, name, num_speculative_tokens=4)
+        finally:
+            del strategy.propose
+        assert [o.token_ids for o in outs] == ar
+        assert any(n > 1 and drafted for n, drafted in seen), name
+
+
 def test_rejected_drafts_leave_the_matcher_as_before(llm, prompts):
     """After every step the matcher's state equals a fresh matcher fed exactly the committed output."""
     engine = llm.engine

@@ -213,19 +213,34 @@ def _stand_in_seq():
     return seq
 
 
+def _drive(k, samples) -> None:
+    """Step an AdaptiveK through steps of (tokens, seconds, drafts?) (a forced plain step never drafts)."""
+    last = (0, 0.0)
+    for step, (tokens, seconds, drafts) in enumerate(samples, start=1):
+        k.begin_step(StepStats(step=step, last_tokens=last[0], last_seconds=last[1], running=Counter(t=4)))
+        k.drafting = drafts and not k.plain
+        last = (tokens, seconds)
+
+
 def test_adaptive_k_sets_each_plain_step_against_the_drafting_steps_around_it(monkeypatch):
     """A batch drains while it drafts, so plain steps meet batches unlike most drafting steps': the
     drafting steps right before and after each plain step yield less than it, and the penalty rises,
     although the drafting steps farther away (a fuller batch) yielded far more."""
     monkeypatch.setattr(speculative, "PLAIN_EVERY", 4)  # plain steps 1, 5, 9, 13, ...
     k = speculative.AdaptiveK("t", 8)
-    last = (0, 0.0)
-    for step in range(1, 11):
-        k.begin_step(StepStats(step=step, last_tokens=last[0], last_seconds=last[1], running=Counter(t=4)))
-        k.drafting = not k.plain
-        neighbour = (step - 1) % 4 in (1, 3)
-        last = (20, 0.1) if k.plain else (10, 0.1) if neighbour else (100, 0.1)
-    assert k.penalty == 3.0  # the window of plain steps 1, 5, 9 closed on the pair 4 | 5 | 6
+    plain, next_to_plain, far = (20, 0.1, True), (10, 0.1, True), (100, 0.1, True)
+    samples = [plain if s % 4 == 1 else next_to_plain if s % 4 in (0, 2) else far for s in range(1, 11)]
+    _drive(k, samples)
+    assert k.penalty == 3.0  # the window of plain steps 1, 5, 9 closed on the pairs around them
+
+
+def test_adaptive_k_sets_drafting_against_the_steps_where_nobody_chose_to_draft(monkeypatch):
+    """No forced plain step comes (K fell to 0 at a full batch, then drafting resumed): the steps where
+    nobody drafted are the yardstick, and drafting that yields less is penalised."""
+    monkeypatch.setattr(speculative, "PLAIN_EVERY", 10**9)
+    k = speculative.AdaptiveK("t", 8)
+    _drive(k, [(32, 0.02, False)] * 5 + [(40, 0.05, True), (30, 0.02, False)] * 4)
+    assert k.penalty == 3.0
 
 
 def test_adaptive_k_threshold_follows_a_batch_that_just_filled_up():

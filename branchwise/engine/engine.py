@@ -36,6 +36,7 @@ from branchwise.strategies import Resources, Strategy, registry, strategy_class
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 2 << 30
+MAX_FORCED_PENDING = 64  # at most this many pending tokens after the prompt still go to the strategy
 
 
 class LLMEngine:
@@ -297,7 +298,7 @@ class LLMEngine:
 
         def lookahead(seq: Sequence) -> int:
             try:
-                return self.strategy(seq.strategy).lookahead(seq)
+                return self.strategy(seq.strategy).lookahead(seq) if self._decodes(seq) else 0
             except Exception as e:  # this sequence's strategy failed on it: it alone ends, below
                 broken.append((seq, e))
                 return 0
@@ -320,7 +321,7 @@ class LLMEngine:
         decode: dict[str, list[tuple[Sequence, int]]] = defaultdict(list)
         plans: list[Plan] = []
         for seq, n in scheduled:
-            if seq.num_pending == 1:
+            if self._decodes(seq) and n >= seq.num_pending:
                 decode[seq.strategy].append((seq, n))
             else:
                 plans.append(self._prefill_plan(seq, n))
@@ -393,6 +394,17 @@ class LLMEngine:
         stats.last_tokens, stats.last_seconds, stats.last_fed = tokens, ended - started, num_fed
         stats.last_prefilled = any(p.num_logits == 0 or len(p.tokens) > 1 + len(p.drafts) for p in plans)
         self._attach_logprobs(out, logprob_rows)
+
+    def _decodes(self, seq: Sequence) -> bool:
+        """Its strategy proposes what it feeds: it has one pending token (the sampled one), or a few after
+        its prompt (a grammar's forced continuation) and a strategy that drafts past them."""
+        if seq.num_pending == 1:
+            return True
+        return (
+            1 < seq.num_pending <= MAX_FORCED_PENDING
+            and seq.num_computed >= seq.num_prompt_tokens
+            and self.strategy(seq.strategy).drafts_past_forced
+        )
 
     def _prefill_plan(self, seq: Sequence, n: int) -> Plan:
         """The next n of a sequence's pending tokens: logits only where the prompt ends (or to score it)."""

@@ -146,10 +146,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             room = self.max_model_len - seq.num_computed
-            want = min(budget, room, 1 + lookahead(seq) if seq.num_pending == 1 else seq.num_pending)
+            want = min(budget, room, seq.num_pending + lookahead(seq))
             while not self.blocks.can_allocate(seq, seq.num_computed + want):
-                if want > 1 and seq.num_pending == 1:
-                    want = 1  # drop the drafts before taking blocks from anyone else
+                if want > seq.num_pending:
+                    want = seq.num_pending  # drop the drafts before taking blocks from anyone else
                     continue
                 gone = self._preempt(self.running[-1])
                 preempted = True

@@ -41,6 +41,10 @@ class Strategy:
 
     name: ClassVar[str] = "ar"
     lossless: ClassVar[bool] = True
+    # lookahead and propose also take a sequence with several pending tokens after its prompt (a grammar's
+    # forced continuation after the sampled token), drafting after them; else such tokens go in a plain
+    # chunk of their own and the step drafts nothing for that sequence
+    drafts_past_forced: ClassVar[bool] = False
 
     @classmethod
     def resources(
@@ -62,7 +66,7 @@ class Strategy:
         """The engine's measurements, before it schedules the next step (adaptive strategies read them)."""
 
     def lookahead(self, seq: Sequence) -> int:
-        """Tokens beyond the pending one that `seq` would like to feed this step (drafts); no side effects."""
+        """Tokens past its pending ones that `seq` would like to feed this step (drafts); no side effects."""
         return 0
 
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:

@@ -45,7 +45,7 @@ def draft_chains(
 ) -> list[Plan]:
     """Draft up to budgets[i] - 1 tokens for each sequence, one batched drafter forward per depth, sampled
     from the drafter's distribution with the request's sampling rules (and grammar, where it has one)."""
-    want = [b - 1 for b in budgets]
+    want = [b - s.num_pending for s, b in zip(seqs, budgets, strict=True)]
     drafts: list[list[int]] = [[] for _ in seqs]
     probs: list[list[torch.Tensor]] = [[] for _ in seqs]
     active = [i for i, k in enumerate(want) if k > 0]
@@ -112,6 +112,7 @@ class DraftState(Acceptance):
 
 class DraftStrategy(Strategy):
     name = "draft"
+    drafts_past_forced = True  # the draft model catches up on them like on any token it has not seen
 
     @classmethod
     def resources(cls, config, model_path, model, dtype, device) -> Resources | None:

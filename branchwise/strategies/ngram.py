@@ -39,6 +39,7 @@ def lookup(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_N
 
 class NgramStrategy(Strategy):
     name = "ngram"
+    drafts_past_forced = True
 
     def __init__(self, ctx: StrategyContext, resources: Resources | None = None) -> None:
         super().__init__(ctx)
@@ -56,7 +57,8 @@ class NgramStrategy(Strategy):
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
         plans = []
         for seq, budget in zip(seqs, budgets, strict=True):
-            drafts = lookup(seq.token_ids, budget - 1) if budget > 1 else []
+            room = budget - seq.num_pending
+            drafts = lookup(seq.token_ids, room) if room > 0 else []
             if drafts and seq.matcher is not None:  # cut at the first token the grammar forbids
                 drafts = drafts[: seq.matcher.validate_tokens(drafts)]
             pending = seq.token_ids[seq.num_computed :]

@@ -53,9 +53,8 @@ class AdaptiveK:
         self.name, self.max_drafts = name, max_drafts
         self.accepted, self.rejected = 2.0, 1.0  # strategy-wide evidence: the prior of a new sequence
         self.window = {True: (0, 0.0), False: (0, 0.0)}  # drafting? -> (tokens, seconds) of such steps
-        self.window_plain_steps = 0
-        self.before = None  # (tokens, seconds) of the last step, if it drafted
-        self.paired = None  # (the drafting step before, the plain step) awaiting the drafting step after
+        self.window_plain_steps = self.window_pairs = 0
+        self.last: tuple[bool, tuple[int, float]] | None = None  # the last step: drafted?, (tokens, seconds)
         self.penalty = 1.0
         self.step_cost = CostModel()  # whole steps of this strategy alone (drafting included) vs tokens fed
         self.stats = StepStats()
@@ -64,33 +63,32 @@ class AdaptiveK:
         self.num_candidates = 1  # sequences that may draft this step: they share a draft forward's cost
 
     def begin_step(self, stats: StepStats) -> None:
-        """Credit the last step to its mode, steer the penalty every few plain steps, pick this step's mode.
+        """Credit the last step to its mode, steer the penalty every few comparisons, pick this step's mode.
 
-        Each plain step is compared with the drafting steps right before and right after it, which run
-        nearly the same batch (a plain step in a draining batch must not be set against drafting steps
-        of a full one): over WINDOW plain steps, if those drafting steps yielded fewer tokens per second
-        than the plain ones, the penalty triples; if more, it falls; with no drafting neighbour in the
-        window it fades slowly, so a lighter load tries again. Steps that carry prefill chunks say nothing
-        about decoding: skipped, and they break a pair.
+        Wherever a step with drafts and a step without (a forced plain step, or one where no sequence
+        chose to draft) follow each other, the two run nearly the same batch, even while it drains or
+        fills: each such pair is credited, the drafting step to one side, the plain step to the other.
+        Every WINDOW plain steps, or sooner once 2 * WINDOW pairs are in: if the drafting steps yielded
+        fewer tokens per second than the plain ones, the penalty triples; if more, it falls; with no pair
+        at all it fades slowly, so a lighter load tries again. Steps that carry prefill chunks say
+        nothing about decoding: skipped, and no pair spans them.
         """
+        skipped = (
+            stats.step <= 1 or stats.last_prefilled or not stats.last_tokens or not stats.running[self.name]
+        )
+        drafted = None if skipped else self.drafting
         sample = (stats.last_tokens, stats.last_seconds)
-        mode = False if self.plain else (True if self.drafting else None)
-        if stats.step <= 1 or stats.last_prefilled or not stats.last_tokens:
-            mode = None
-        if mode is not None and stats.running[self.name] == sum(stats.running.values()):
+        if drafted is not None and stats.running[self.name] == sum(stats.running.values()):
             self.step_cost.observe(stats.last_fed, stats.last_seconds)
-        if mode is False:
-            self.window_plain_steps += 1
-            self.paired = (self.before, sample) if self.before is not None else None
-        elif mode is True and self.paired is not None:
-            (before, plain), after = self.paired, sample
-            self._credit(True, before, 0.5)
-            self._credit(True, after, 0.5)
-            self._credit(False, plain, 1.0)
-        if mode is not False:
-            self.paired = None
-        self.before = sample if mode is True else None
-        if self.window_plain_steps >= WINDOW:
+        if drafted is not None and self.last is not None and self.last[0] != drafted:
+            spec, plain = (sample, self.last[1]) if drafted else (self.last[1], sample)
+            for mode, (tokens, seconds) in ((True, spec), (False, plain)):
+                total, time_ = self.window[mode]
+                self.window[mode] = (total + tokens, time_ + seconds)
+            self.window_pairs += 1
+        self.last = None if drafted is None else (drafted, sample)
+        self.window_plain_steps += self.plain
+        if self.window_plain_steps >= WINDOW or self.window_pairs >= 2 * WINDOW:
             (spec_tokens, spec_s), (plain_tokens, plain_s) = self.window[True], self.window[False]
             if spec_tokens == 0:
                 self.penalty /= 1.2
@@ -100,15 +98,11 @@ class AdaptiveK:
                 self.penalty /= 1.5
             self.penalty = min(max(self.penalty, 1.0), 1e4)
             self.window = {True: (0, 0.0), False: (0, 0.0)}
-            self.window_plain_steps = 0
+            self.window_plain_steps = self.window_pairs = 0
         self.stats = stats
         self.plain = (stats.step - 1) % PLAIN_EVERY == 0
         self.drafting = False
         self.num_candidates = max(1, stats.running[self.name])
-
-    def _credit(self, drafting: bool, sample: tuple[int, float], weight: float) -> None:
-        tokens, seconds = self.window[drafting]
-        self.window[drafting] = (tokens + weight * sample[0], seconds + weight * sample[1])
 
     def threshold(self, draft_cost: float = 0.0) -> float:
         """The acceptance probability one more drafted token must beat, this step."""
