@@ -37,19 +37,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
+def check_one_op_norm(norm: nn.Module) -> None:
+    """Mark an HF RMSNorm that one `F.rms_norm` call reproduces bit for bit (on the CPU, where its five
+    ops cost a small model's decode step more than the math; a GPU step is one graph replay anyway)."""
+    eps, w = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
+    norm.one_op = False
+    if eps is None or w is None or w.device.type != "cpu" or not type(norm).__name__.endswith("RMSNorm"):
+        return
+    probe = (torch.arange(3 * w.shape[0], device=w.device).view(3, -1).sin() * 3).to(w.dtype)  # no RNG draw
+    with torch.no_grad():
+        norm.one_op = torch.equal(norm.forward(probe), F.rms_norm(probe, w.shape, w, eps))
+
+
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An HF RMSNorm as one op where that gives its very numbers (checked once per module), else its own
-    forward: on a small model's decode step the five ops of HF's version cost more than the math."""
-    one_op = norm.__dict__.get("one_op")
-    if one_op is None:
-        eps = getattr(norm, "variance_epsilon", None)
-        one_op = False
-        if eps is not None and type(norm).__name__.endswith("RMSNorm"):
-            w = norm.weight  # a probe with no draw from the global generator (sampling may use it)
-            probe = (torch.arange(3 * w.shape[0], device=w.device).view(3, -1).sin() * 3).to(w.dtype)
-            one_op = torch.equal(norm.forward(probe), F.rms_norm(probe, norm.weight.shape, norm.weight, eps))
-        norm.one_op = one_op
-    if one_op:
+    """The norm's output: one op where `check_one_op_norm` found that exact, else its own forward."""
+    if norm.__dict__.get("one_op"):
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     return norm.forward(x)
 
@@ -113,6 +115,12 @@ def fuse_layer(layer: nn.Module, model_type: str, reduce: Callable | None = None
     mlp.gate_up_proj = _concat(mlp.gate_proj, mlp.up_proj)
     del mlp.gate_proj, mlp.up_proj
     _mix(mlp, FusedMLP)
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm, *_qk_norms(attn)):
+        check_one_op_norm(norm)
+
+
+def _qk_norms(attn: nn.Module) -> tuple[nn.Module, ...]:
+    return (attn.q_norm, attn.k_norm) if attn.has_qk_norm else ()
 
 
 def fuse_projections(model: nn.Module, reduce: Callable | None = None) -> bool:
@@ -123,6 +131,7 @@ def fuse_projections(model: nn.Module, reduce: Callable | None = None) -> bool:
         return False
     for layer in layers:
         fuse_layer(layer, model_type, reduce)
+    check_one_op_norm(getattr(model, model.base_model_prefix).norm)
     return True
 
 
