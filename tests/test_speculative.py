@@ -253,6 +253,9 @@ def test_adaptive_k_threshold_follows_a_batch_that_just_filled_up():
     assert k.draft_length(_stand_in_seq(), ev, 1000) == 0  # by the stale goodput alone: 4 tokens
     k.begin_step(StepStats(step=6, goodput=100.0, per_token=0.0005, fixed=0.010, running=Counter(t=1)))
     assert k.draft_length(_stand_in_seq(), ev, 1000) == 4
+    # a fit that found no fixed cost (its slope capped) gives no plain-step estimate, not an infinite one
+    k.begin_step(StepStats(step=7, goodput=100.0, per_token=0.0005, fixed=0.0, running=Counter(t=32)))
+    assert k.stats.plain_goodput() == 0.0 and k.draft_length(_stand_in_seq(), ev, 1000) == 4
 
 
 def test_adaptive_k_counts_what_its_whole_steps_cost_per_fed_token():

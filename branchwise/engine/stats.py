@@ -46,5 +46,5 @@ class StepStats:
     def plain_goodput(self) -> float:
         """Tokens per second a step of the running batch would yield with no drafts (from the fit): unlike
         the smoothed `goodput`, it follows the batch at once (a full batch right after a draining one)."""
-        n = sum(self.running.values())
-        return n / (self.fixed + self.per_token * n) if n and self.fixed + self.per_token > 0 else 0.0
+        n = sum(self.running.values())  # no fixed cost fitted (a capped fit): no estimate, not infinity
+        return n / (self.fixed + self.per_token * n) if n and self.fixed > 0 else 0.0

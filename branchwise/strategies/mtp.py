@@ -143,7 +143,8 @@ class MTPStrategy(Strategy):
             elif have > p.start:  # rows of tokens the target did not keep (rejected drafts)
                 rows = torch.cat(st.hidden)[: p.start - st.first]
                 st.hidden, st.held = [rows], len(rows)
-            st.hidden.append(self.features(out)[row : row + len(p.tokens)].clone())
+            # a new list: an isolated retry restores the state it saved, list included
+            st.hidden = [*st.hidden, self.features(out)[row : row + len(p.tokens)].clone()]
             st.held += len(p.tokens)
 
     def features(self, out: ForwardOutput) -> torch.Tensor:
