@@ -189,6 +189,8 @@ def test_adaptive_k_drafts_at_low_load_and_stops_when_the_forward_is_compute_bou
     monkeypatch.setattr(speculative, "PLAIN_EVERY", 10**9)
     engine = llm_truncated.engine
     strategy = engine.strategy("ngram")
+    # a fresh controller: what earlier tests' steps taught the shared one (its step cost) stays out
+    monkeypatch.setattr(strategy, "k", speculative.AdaptiveK("ngram", engine.config.num_speculative_tokens))
     seq = type("S", (), {})  # a stand-in with what lookahead reads
     seq.strategy_state, seq.strategy_params, seq.num_output_tokens, seq.num_tokens = None, {}, 0, 10
     seq.params = SamplingParams(max_tokens=100)
