@@ -57,6 +57,7 @@ class AdaptiveK:
         self.last: tuple[bool, tuple[int, float]] | None = None  # the last step: drafted?, (tokens, seconds)
         self.penalty = 1.0
         self.step_cost = CostModel()  # whole steps of this strategy alone (drafting included) vs tokens fed
+        self.goodput = self.step_slope = 0.0  # this step's, from the stats and step_cost
         self.stats = StepStats()
         self.plain = False  # this step nobody drafts
         self.drafting = False  # some sequence drafted this step (the strategy says so in propose)
@@ -100,17 +101,19 @@ class AdaptiveK:
             self.window = {True: (0, 0.0), False: (0, 0.0)}
             self.window_plain_steps = self.window_pairs = 0
         self.stats = stats
+        # read by every sequence's draft length this step: fitted once here
+        self.goodput = max(stats.goodput, stats.plain_goodput())
+        self.step_slope = self.step_cost.fit()[1]
         self.plain = (stats.step - 1) % PLAIN_EVERY == 0
         self.drafting = False
         self.num_candidates = max(1, stats.running[self.name])
 
     def threshold(self, draft_cost: float = 0.0) -> float:
         """The acceptance probability one more drafted token must beat, this step."""
-        goodput = max(self.stats.goodput, self.stats.plain_goodput())
         # what one more fed token costs: the target's share plus drafting's, or, if more, what this
         # strategy's whole steps grow by per fed token (host work of drafting and verifying counted)
-        cost = max(self.stats.per_token + draft_cost, self.step_cost.fit()[1])
-        return cost * goodput * self.penalty
+        cost = max(self.stats.per_token + draft_cost, self.step_slope)
+        return cost * self.goodput * self.penalty
 
     def acceptance(self, ev: Acceptance) -> float:
         """Estimated probability that the sequence's next drafted token is accepted."""
