@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jsonschema
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from branchwise import LLM, SamplingParams
-from branchwise.constraints import Constraint
+from branchwise.constraints import Constraint, apply_bitmask
 
 # strings and numbers are bounded so that even a random model finishes within max_tokens
 SCHEMAS = {
@@ -224,6 +225,20 @@ def test_masks_for_a_draft_follow_the_matcher_through_it(llm):
         llguidance.torch.fill_next_token_bitmask(step, want)
         assert torch.equal(masks[i], want[0])
     assert not torch.equal(masks[0], masks[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # numpy's path, torch's path
+def test_apply_bitmask_sets_minus_inf_exactly_where_a_bit_is_zero(dtype):
+    """Bit j of word w allows token 32 w + j; a vocabulary that is not a multiple of 32 ends mid-word."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 70
+    words = torch.randint(-(2**31), 2**31 - 1, (2, 3, 3), dtype=torch.int32, generator=gen)
+    logits = torch.randn(2, 3, vocab, dtype=dtype, generator=gen)
+    out = apply_bitmask(logits, words)
+    for b, r, t in itertools.product(range(2), range(3), range(vocab)):
+        allowed = (int(words[b, r, t // 32]) >> (t % 32)) & 1
+        assert out[b, r, t].item() == (logits[b, r, t].item() if allowed else float("-inf"))
+    assert out.dtype == dtype
 
 
 def test_demo_model_extraction_validates_with_every_strategy():

@@ -162,11 +162,19 @@ class Grammars:
         return bitmask
 
 
-def unpack(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """(R, V/32) int32 bitmasks -> (R, V) bool, unpacked on `device` (a plain eager op)."""
-    words = bitmask.to(device, non_blocking=True)
-    bits = torch.arange(32, dtype=torch.int32, device=device)
-    return ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab_size]
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """A copy of (..., V) logits with -inf wherever the (..., V/32) int32 bitmask's bit is 0 (bit j of word w
+    allows token 32 w + j)."""
+    vocab = logits.shape[-1]
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        # numpy's unpackbits and where are vectorized on the CPU, torch's bool-mask ops are not (4x here);
+        # the words' bytes, least significant first (a little-endian host), hold tokens in order
+        allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, count=vocab, bitorder="little")
+        return torch.from_numpy(np.where(allowed.view(bool), logits.numpy(), np.float32(-np.inf)))
+    words = bitmask.to(logits.device, non_blocking=True)
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words[..., None] >> bits) & 1).bool().flatten(-2)[..., :vocab]
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def as_lark(c: Constraint) -> str:

@@ -17,7 +17,16 @@ from collections.abc import Sequence as Seq
 import numpy as np
 import torch
 
+from branchwise.constraints import apply_bitmask
 from branchwise.engine.sequence import Sequence
+
+
+def argmax(x: torch.Tensor) -> np.ndarray:
+    """Argmax over the last dim, on the host: numpy's on CPU float32 (vectorized; torch's CPU argmax is not,
+    10x slower on a batch of rows). Both take the first of equal maxima."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return x.numpy().argmax(-1)
+    return x.argmax(-1).cpu().numpy()
 
 
 def _param(seqs: Seq[Sequence], name: str, device: torch.device) -> torch.Tensor:
@@ -93,8 +102,8 @@ def target_probs(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     if (min_p > 0).any():
         probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
-    argmax = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.where(greedy, argmax, probs)
+    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy, one_hot, probs)
 
 
 def _uniforms(seqs: Seq[Sequence], num_drafts: Seq[int], width: int) -> torch.Tensor:
@@ -121,26 +130,26 @@ def verify_chains(
     drafts: Seq[Seq[int]],
     stop_ids: Seq[set[int]],
     draft_probs: torch.Tensor | None = None,
-    allowed: torch.Tensor | None = None,
+    bitmask: torch.Tensor | None = None,
     accepted: Seq[int] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Accept a prefix of each sequence's drafted chain and sample the token after it.
 
     logits: (R, V); sequence b's K_b + 1 rows start at first_rows[b] (row k scores the token after draft k).
     draft_probs: (B, K, V) drafter distributions, or None for a deterministic drafter.
-    allowed: (B, K + 1, V) bool grammar masks per row, or None.
+    bitmask: (B, K + 1, V/32) int32 grammar bitmasks per row (a set bit allows its token), or None.
     accepted: drafts already accepted by another rule (Medusa's typical acceptance, lossy): each chain's
     drafts are kept as they are and only the token after them is sampled.
     Returns (num_accepted, next_token) per sequence.
     """
     B = len(seqs)
     device = logits.device
-    plain = allowed is None and not any(s.params.processes_logits for s in seqs)
+    plain = bitmask is None and not any(s.params.processes_logits for s in seqs)
     greedy = all(s.params.greedy for s in seqs)
     if plain and greedy and not any(drafts):  # autoregressive greedy: one argmax, one read
         whole = len(first_rows) == logits.shape[0] and all(r == i for i, r in enumerate(first_rows))
         x = logits if whole else logits[torch.tensor(list(first_rows), device=device)]
-        return [0] * B, x.argmax(-1).tolist()
+        return [0] * B, argmax(x).tolist()
     # index arrays are built on the host and cross to the device once
     k_np = np.array([len(d) for d in drafts], dtype=np.int64)
     K = int(k_np.max(initial=0))
@@ -154,11 +163,11 @@ def verify_chains(
     if not plain:
         if any(s.params.processes_logits for s in seqs):
             x = apply_penalties(x, seqs, draft_t, stop_ids)
-        if allowed is not None:
-            x = x.masked_fill(~allowed, float("-inf"))
+        if bitmask is not None:
+            x = apply_bitmask(x, bitmask)
     if greedy:
         # p is one-hot: accept while the draft is the argmax; one read of the argmaxes, the rest on the host
-        best = x.argmax(-1).cpu().numpy()  # (B, K+1)
+        best = argmax(x)  # (B, K+1)
         accept = (draft_np[:, :K] == best[:, :K]) & (pos_np[None, :K] < k_np[:, None])
         num_acc = accept.cumprod(1).sum(1)
         return num_acc.tolist(), best[np.arange(B), num_acc].tolist()

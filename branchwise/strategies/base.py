@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from branchwise.constraints import unpack
 from branchwise.engine import sampler
 from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.sequence import Sequence
@@ -103,14 +102,11 @@ def verify_chains(ctx: StrategyContext, plans: list[Plan], out: ForwardOutput) -
     if any(p.draft_probs is not None for p in plans):
         probs = _stack_draft_probs(plans, out.logits.shape[-1], out.logits.device)
     stop_ids = [ctx.stop_token_ids(s) for s in seqs]
-    allowed = None
+    drafts = [p.drafts for p in plans]
+    bitmask = None
     if any(s.matcher is not None for s in seqs):
-        matchers = [s.matcher for s in seqs]
-        drafts = [p.drafts for p in plans]
-        allowed = grammar_masks(ctx, matchers, drafts, out.logits.shape[-1], out.logits.device)
-    num_acc, nxt = sampler.verify_chains(
-        out.logits, seqs, first, [p.drafts for p in plans], stop_ids, probs, allowed
-    )
+        bitmask = grammar_masks(ctx, [s.matcher for s in seqs], drafts)
+    num_acc, nxt = sampler.verify_chains(out.logits, seqs, first, drafts, stop_ids, probs, bitmask)
     verdicts = []
     for p, a, t, r in zip(plans, num_acc, nxt, first, strict=True):
         pending = len(p.tokens) - len(p.drafts)
@@ -130,21 +126,19 @@ def _stack_draft_probs(plans: list[Plan], vocab: int, device: torch.device) -> t
     return probs
 
 
-def grammar_masks(
-    ctx: StrategyContext, matchers: list, drafts: list[list[int]], vocab: int, device: torch.device
-) -> torch.Tensor:
-    """(B, K + 1, V) allowed tokens at every verified row of each chain, each with the matcher state *of
-    that row*: a matcher (None: unconstrained) advances through its chain's drafts, then rolls back."""
+def grammar_masks(ctx: StrategyContext, matchers: list, drafts: list[list[int]]) -> torch.Tensor:
+    """(B, K + 1, V/32) int32 bitmasks of the allowed tokens at every verified row of each chain, each with
+    the matcher state *of that row*: a matcher (None: unconstrained, all allowed) advances through its
+    chain's drafts, then rolls back."""
     K = max(len(d) for d in drafts)
     constrained = [b for b, m in enumerate(matchers) if m is not None]
     started = time.perf_counter()
-    bitmask = ctx.grammars().masks([matchers[b] for b in constrained], [drafts[b] for b in constrained])
+    rows = ctx.grammars().masks([matchers[b] for b in constrained], [drafts[b] for b in constrained])
     ctx.metrics.mask_time.labels(ctx.model_name).observe(time.perf_counter() - started)
-    rows = unpack(bitmask, vocab, device)
-    allowed = torch.ones(len(matchers), K + 1, vocab, dtype=torch.bool, device=device)
+    bitmask = torch.full((len(matchers), K + 1, rows.shape[-1]), -1, dtype=torch.int32)
     at = 0
     for b in constrained:
         n = len(drafts[b]) + 1
-        allowed[b, :n] = rows[at : at + n]
+        bitmask[b, :n] = rows[at : at + n]
         at += n
-    return allowed
+    return bitmask

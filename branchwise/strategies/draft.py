@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from branchwise.constraints import unpack
+from branchwise.constraints import apply_bitmask
 from branchwise.engine import sampler
 from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.sequence import Sequence
@@ -67,7 +67,7 @@ def draft_chains(
             if any(s.matcher is not None for s in group):  # draft only what the grammar allows
                 logits = _masked(ctx, logits, group)
             if all(s.params.greedy for s in group):  # one-hot distributions: their argmax, not built
-                q, tokens = None, logits.argmax(-1).tolist()
+                q, tokens = None, sampler.argmax(logits).tolist()
             else:
                 q = sampler.target_probs(logits[:, None], group)[:, 0]
                 u = torch.tensor(
@@ -99,10 +99,10 @@ def draft_chains(
 
 def _masked(ctx: StrategyContext, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     constrained = [j for j, s in enumerate(seqs) if s.matcher is not None]
-    bitmask = ctx.grammars().masks([seqs[j].matcher for j in constrained], [[]] * len(constrained))
-    allowed = torch.ones_like(logits, dtype=torch.bool)
-    allowed[constrained] = unpack(bitmask, logits.shape[-1], logits.device)
-    return logits.masked_fill(~allowed, float("-inf"))
+    rows = ctx.grammars().masks([seqs[j].matcher for j in constrained], [[]] * len(constrained))
+    bitmask = torch.full((len(seqs), rows.shape[-1]), -1, dtype=torch.int32)
+    bitmask[constrained] = rows
+    return apply_bitmask(logits, bitmask)
 
 
 @dataclass

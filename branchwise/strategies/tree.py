@@ -78,7 +78,7 @@ def verify_greedy(plans: list[Plan], idx: list[int], trees: list[Tree], out: For
     if not idx:
         return []
     rows = tree_rows(plans, idx, out)
-    best = out.logits[torch.from_numpy(rows).to(out.logits.device)].argmax(-1).tolist()
+    best = sampler.argmax(out.logits[torch.from_numpy(rows).to(out.logits.device)]).tolist()
     verdicts, at = [], 0
     for i, tree in zip(idx, trees, strict=True):
         p = plans[i]
@@ -106,11 +106,11 @@ def verify_paths(
     logits = out.logits[torch.tensor(rows, device=out.logits.device)]
     seqs = [plans[i].seq for i, _ in group]
     drafts = [[plans[i].tokens[r] for r in path] for i, path in group]
-    allowed = None
+    bitmask = None
     if any(s.matcher is not None for s in seqs):
         # a matcher copy per path: the paths of one sequence advance through different tokens
         matchers = [s.matcher.deep_copy() if s.matcher is not None else None for s in seqs]
-        allowed = grammar_masks(ctx, matchers, drafts, logits.shape[-1], logits.device)
+        bitmask = grammar_masks(ctx, matchers, drafts)
     return sampler.verify_chains(
         logits,
         seqs,
@@ -118,7 +118,7 @@ def verify_paths(
         drafts,
         [ctx.stop_token_ids(s) for s in seqs],
         None,
-        allowed,
+        bitmask,
         [len(d) for d in drafts] if typical else None,
     )
 
