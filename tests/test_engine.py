@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from branchwise import LLM, SamplingParams
-from branchwise.models.fused import FusedAttention, FusedMLP
+from branchwise.models.fused import FusedAttention, FusedMLP, rope_rows
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -34,6 +34,22 @@ def test_greedy_equals_transformers_generate(arch, request, prompts):
             torch.tensor([prompt]), do_sample=False, max_new_tokens=24, eos_token_id=None, pad_token_id=0
         )
         assert out.outputs[0].token_ids == ref[0, len(prompt) :].tolist()
+
+
+def test_rope_rows_are_hf_rotary_bit_for_bit_at_any_positions(tiny_qwen2):
+    """The CPU's table rows equal HF's rotary module called on exactly these positions, also past the first
+    table (it grows), in any order."""
+    rotary = LLM(tiny_qwen2).engine.model.model.rotary_emb
+    h = torch.zeros(1, 8)
+    for positions in ([0, 5, 3, 1023], [2500, 7, 1024]):
+        pos = torch.tensor(positions)
+        cos, sin = rope_rows(rotary, h, pos)
+        want_cos, want_sin = rotary(h, pos[None])
+        half = want_sin.shape[-1] // 2
+        assert cos.shape == (len(positions), 1, 2 * half) and torch.equal(cos[:, 0], want_cos[0])
+        assert torch.equal(sin[:, 0, :half], -want_sin[0, :, :half])
+        assert torch.equal(sin[:, 0, half:], want_sin[0, :, half:])
+    assert rotary.rows_table[0].shape[0] == 4096
 
 
 def test_greedy_is_batch_invariant_with_chunked_prefill(tiny_llama, prompts):

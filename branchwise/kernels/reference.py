@@ -196,10 +196,10 @@ def paged_attention(
     out = None
     for g in _groups(meta, query.device):
         (G, nb), S, bs = g.kv_blocks.shape, g.num_keys, k_cache.shape[1]
-        q = query[:, None] if g.in_order else query[g.q_index]
-        q = q.transpose(1, 2)  # (G, Hq, Q, D)
+        # (G, Hq, Q, D): in order (one query each), the tokens themselves with Q = 1
+        q = query.unsqueeze(2) if g.in_order else query[g.q_index].transpose(1, 2)
         if g.first_slot is not None:  # a view, no copy
-            k, v = (t.view(-1, Hkv, D)[None, g.first_slot : g.first_slot + S] for t in (k_cache, v_cache))
+            k, v = (t.view(1, -1, Hkv, D)[:, g.first_slot : g.first_slot + S] for t in (k_cache, v_cache))
         else:  # whole blocks gathered (a few large copies, not one per key), then the first S keys
             blocks = g.kv_blocks.reshape(-1)
             k, v = (t.index_select(0, blocks).view(G, nb * bs, Hkv, D)[:, :S] for t in (k_cache, v_cache))
@@ -212,9 +212,9 @@ def paged_attention(
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=g.bias_for(sliding_window, q.dtype), scale=scale, enable_gqa=Hq != Hkv
             )
-        o = o.transpose(1, 2).reshape(-1, Hq, D)
         if g.in_order:
-            return o
+            return o.squeeze(2)
+        o = o.transpose(1, 2).reshape(-1, Hq, D)
         out = query.new_empty(T, Hq, D) if out is None else out
         out[g.token_index] = o[g.valid]
     return out

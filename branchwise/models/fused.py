@@ -37,6 +37,29 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
+STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # frequencies that do not move with the sequence length
+
+
+def rope_rows(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(T, 1, D) cos and signed sin (as `rotate` takes them) of HF's rotary module at the positions. On the
+    CPU, rows of a table that module computed once: each entry is one product inv_freq * position, so a
+    row does not depend on which positions shared the call (about 25 small ops a forward saved; on a GPU
+    the step is a graph replay). Rotary types whose frequencies move with the length compute afresh."""
+    table = rotary.__dict__.get("rows_table")
+    if h.device.type != "cpu" or getattr(rotary, "rope_type", None) not in STATIC_ROPE:
+        return _signed(*rotary(h, positions[None]))
+    if table is None or table[0].shape[0] <= int(positions.max()) or table[0].dtype != h.dtype:
+        n = max(1024, 1 << int(positions.max()).bit_length())
+        table = rotary.__dict__["rows_table"] = _signed(*rotary(h, torch.arange(n, device=h.device)[None]))
+    return table[0][positions], table[1][positions]
+
+
+def _signed(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """HF's (1, T, D) cos and sin -> (T, 1, D) cos and sin with its first half negated."""
+    half = sin.shape[-1] // 2
+    return cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
+
+
 def check_one_op_norm(norm: nn.Module) -> None:
     """Mark an HF RMSNorm that one `F.rms_norm` call reproduces bit for bit (on the CPU, where its five
     ops cost a small model's decode step more than the math; a GPU step is one graph replay anyway)."""
@@ -153,9 +176,7 @@ def fused_forward(
     norms, residuals, rotary table), without its module calls, decorators and mask building, which cost a
     small model's decode step more than its GEMMs. `aux` gets the residual stream entering `aux_layers`."""
     h = decoder.embed_tokens(input_ids)
-    cos, sin = decoder.rotary_emb(h, positions[None])  # (1, T, D), once for every layer
-    half = sin.shape[-1] // 2
-    cos, sin = cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
+    cos, sin = rope_rows(decoder.rotary_emb, h, positions)  # once for every layer
     hidden = h.shape[-1]
     for i, layer in enumerate(decoder.layers[: decoder.config.num_hidden_layers]):
         for k, j in enumerate(aux_layers):  # a layer may be named twice
