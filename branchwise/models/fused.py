@@ -43,10 +43,12 @@ STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # frequencies that do not
 def rope_rows(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(T, 1, D) cos and signed sin (as `rotate` takes them) of HF's rotary module at the positions. On the
     CPU, rows of a table that module computed once: each entry is one product inv_freq * position, so a
-    row does not depend on which positions shared the call (about 25 small ops a forward saved; on a GPU
-    the step is a graph replay). Rotary types whose frequencies move with the length compute afresh."""
+    row does not depend on which positions shared the call (about 25 small ops a forward saved). A compiled
+    forward (a graph: its ops cost nothing a replay), a GPU, and rotary types whose frequencies move with
+    the length compute afresh."""
     table = rotary.__dict__.get("rows_table")
-    if h.device.type != "cpu" or getattr(rotary, "rope_type", None) not in STATIC_ROPE:
+    eager_cpu = h.device.type == "cpu" and not torch.compiler.is_compiling()
+    if not eager_cpu or getattr(rotary, "rope_type", None) not in STATIC_ROPE:
         return _signed(*rotary(h, positions[None]))
     if table is None or table[0].shape[0] <= int(positions.max()) or table[0].dtype != h.dtype:
         n = max(1024, 1 << int(positions.max()).bit_length())
