@@ -66,7 +66,7 @@ class EngineConfig(BaseModel):
         "layout (default: an eagle3/ folder beside the model)",
     )
     num_speculative_tokens: int = Field(
-        10, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
+        16, ge=1, le=16, description="most tokens a speculative strategy drafts per step (adaptive below)"
     )
     suffix_max_cached_requests: int = Field(
         10000, ge=0, description="finished requests whose outputs the 'suffix' strategy drafts from"

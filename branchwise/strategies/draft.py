@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from branchwise.engine.context import StrategyContext
 
 
+# a chain stops after a token its drafter gave less probability than this (transformers' default for
+# assisted generation): the tokens past an unsure one are mostly rejected, and what a chain does not draft
+# is what lets the cap on its length be long where the drafter is sure
+DRAFT_CONFIDENCE = 0.4
+
+
 class ChainDrafter(Protocol):
     """A model drafter: what it feeds at each depth, and one batched forward of its model."""
 
@@ -68,17 +74,22 @@ def draft_chains(
                 logits = _masked(ctx, logits, group)
             if all(s.params.greedy for s in group):  # one-hot distributions: their argmax, not built
                 q, tokens = None, sampler.argmax(logits).tolist()
+                confidence = logits.softmax(-1).amax(-1).tolist()
             else:
                 q = sampler.target_probs(logits[:, None], group)[:, 0]
                 u = torch.tensor(
                     [0.5 if s.params.greedy else float(torch.rand(1, generator=s.generator)) for s in group]
                 )
                 tokens = sampler.sample_from(q, u.to(q.device)).tolist()
+                confidence = q[torch.arange(len(group)), torch.tensor(tokens)].tolist()
             drafter.cost.observe(sum(len(p.tokens) for p in plans), time.perf_counter() - started)
             for j, i in enumerate(idx):
                 drafts[i].append(tokens[j])
                 if q is not None:
                     probs[i].append(q[j])
+                pinned = "num_speculative_tokens" in seqs[i].strategy_params  # a request's K is drafted
+                if confidence[j] < DRAFT_CONFIDENCE and not pinned:
+                    want[i] = depth + 1
                 matcher = seqs[i].matcher
                 if matcher is not None:  # advanced through the draft here, rolled back below
                     consumed[i] += matcher.consume_token(tokens[j])
