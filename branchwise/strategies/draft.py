@@ -80,8 +80,9 @@ def draft_chains(
                 u = torch.tensor(
                     [0.5 if s.params.greedy else float(torch.rand(1, generator=s.generator)) for s in group]
                 )
-                tokens = sampler.sample_from(q, u.to(q.device)).tolist()
-                confidence = q[torch.arange(len(group)), torch.tensor(tokens)].tolist()
+                sampled = sampler.sample_from(q, u.to(q.device))
+                tokens = sampled.tolist()
+                confidence = q.gather(-1, sampled[:, None])[:, 0].tolist()
             drafter.cost.observe(sum(len(p.tokens) for p in plans), time.perf_counter() - started)
             for j, i in enumerate(idx):
                 drafts[i].append(tokens[j])
