@@ -176,6 +176,35 @@ def test_rollback_leaves_both_caches_as_if_rejected_drafts_never_ran(tiny_llama,
     assert engine.blocks.num_available == engine.num_blocks
 
 
+@pytest.mark.parametrize("strategy", ["draft", "ngram"])
+def test_first_drafts_are_verified_in_the_prompts_own_forward(tiny_llama, prompts, strategy):
+    """As transformers' assisted generation does: the prefill step feeds the prompt and a first chain,
+    so a request's first step already commits accepted drafts; a prompt that needs chunks, or whose
+    prompt logprobs are asked for, prefills plainly. Greedy tokens equal autoregressive ones throughout."""
+    llm = LLM(tiny_llama, draft_model=tiny_llama, max_num_batched_tokens=64)  # the target drafts itself
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    repeated = [p[:6] * 4 for p in prompts[:4]]  # n-gram lookup finds continuations in the prompt
+    ar = [o.token_ids for o in outputs(llm, repeated + [prompts[7]], params, "ar")]
+    scored = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=1)
+    for i, p in enumerate(repeated + [prompts[7]]):
+        engine.add_request(f"r{i}", p, scored if i == 3 else params, strategy, {"num_speculative_tokens": 3})
+    got: dict[str, list[int]] = {}
+    first: dict[str, tuple[int, int]] = {}  # the first step's (new tokens, drafted tokens)
+    while engine.has_unfinished():
+        for u in engine.step():
+            if u.token_ids and u.request_id not in got:
+                first[u.request_id] = (len(u.token_ids), u.num_drafted)
+            got.setdefault(u.request_id, []).extend(u.token_ids)
+    assert [got[f"r{i}"] for i in range(5)] == ar
+    assert first["r0"][1] == first["r1"][1] == 3  # drafted after the prompt, verified in its forward
+    if strategy == "draft":  # a drafter that is the target: its first chain is accepted whole
+        assert first["r0"][0] == first["r1"][0] == 4
+    assert first["r3"] == (1, 0)  # prompt logprobs: a plain prefill
+    assert first["r4"] == (1, 0)  # 71 tokens > the 64-token budget: chunked, plain
+    assert engine.blocks.num_available == engine.num_blocks
+
+
 def test_ngram_lookup_takes_the_latest_longest_match():
     assert ngram.lookup([5, 1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]
     assert ngram.lookup([4, 2, 3, 9, 1, 2, 3], 2) == [9, 1]  # the 3-gram "1 2 3" has no earlier match

@@ -396,15 +396,18 @@ class LLMEngine:
         self._attach_logprobs(out, logprob_rows)
 
     def _decodes(self, seq: Sequence) -> bool:
-        """Its strategy proposes what it feeds: it has one pending token (the sampled one), or a few after
-        its prompt (a grammar's forced continuation) and a strategy that drafts past them."""
+        """Its strategy proposes what it feeds: it has one pending token (the sampled one), or its strategy
+        drafts past pending tokens and these are a few after its prompt (a grammar's forced continuation)
+        or the rest of its prompt (drafted after, verified in the prefill's forward, as transformers'
+        assisted generation does: a step saved per request)."""
         if seq.num_pending == 1:
             return True
-        return (
-            1 < seq.num_pending <= MAX_FORCED_PENDING
-            and seq.num_computed >= seq.num_prompt_tokens
-            and self.strategy(seq.strategy).drafts_past_forced
-        )
+        if not self.strategy(seq.strategy).drafts_past_pending:
+            return False
+        if seq.num_computed >= seq.num_prompt_tokens:
+            return seq.num_pending <= MAX_FORCED_PENDING
+        # siblings fork from the prompt's last row, prompt logprobs score its rows: such a prefill is plain
+        return not seq.forks and (seq.params.prompt_logprobs is None or seq.num_output_tokens > 0)
 
     def _prefill_plan(self, seq: Sequence, n: int) -> Plan:
         """The next n of a sequence's pending tokens: logits only where the prompt ends (or to score it)."""

@@ -177,7 +177,9 @@ class Scheduler:
             wants_prompt_logits = seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
             if self.prefix_cache is not None and not seq.block_table and not wants_prompt_logits:
                 self.on_cache_hit(seq, self.prefix_cache.attach(seq))
-            want = min(budget, seq.num_pending)
+            want = min(budget, seq.num_pending + lookahead(seq))  # drafts after a prompt that fits
+            if not self.blocks.can_allocate(seq, seq.num_computed + want):
+                want = min(budget, seq.num_pending)
             if not self.blocks.can_allocate(seq, seq.num_computed + want):
                 self.blocks.free(seq)  # let go of the cached blocks while it waits
                 seq.num_computed = 0

@@ -40,10 +40,11 @@ class Strategy:
 
     name: ClassVar[str] = "ar"
     lossless: ClassVar[bool] = True
-    # lookahead and propose also take a sequence with several pending tokens after its prompt (a grammar's
-    # forced continuation after the sampled token), drafting after them; else such tokens go in a plain
-    # chunk of their own and the step drafts nothing for that sequence
-    drafts_past_forced: ClassVar[bool] = False
+    # lookahead and propose also take a sequence with several pending tokens: a grammar's forced
+    # continuation after the sampled token, or the rest of its prompt (the prefill's forward then verifies
+    # the first drafts); the plan feeds them all, drafts after them. Else such tokens go in a plain chunk
+    # of their own and the step drafts nothing for that sequence
+    drafts_past_pending: ClassVar[bool] = False
 
     @classmethod
     def resources(

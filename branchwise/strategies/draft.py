@@ -124,7 +124,7 @@ class DraftState(Acceptance):
 
 class DraftStrategy(Strategy):
     name = "draft"
-    drafts_past_forced = True  # the draft model catches up on them like on any token it has not seen
+    drafts_past_pending = True  # the draft model catches up on them like on any token it has not seen
 
     @classmethod
     def resources(cls, config, model_path, model, dtype, device) -> Resources | None:

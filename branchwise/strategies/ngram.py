@@ -39,7 +39,7 @@ def lookup(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_N
 
 class NgramStrategy(Strategy):
     name = "ngram"
-    drafts_past_forced = True
+    drafts_past_pending = True
 
     def __init__(self, ctx: StrategyContext, resources: Resources | None = None) -> None:
         super().__init__(ctx)
