@@ -360,8 +360,11 @@ def test_an_end_of_thinking_inside_an_accepted_draft_switches_the_schema_on(tool
         return verdicts
 
     monkeypatch.setattr(strategy, "verify", watch)
-    # a fixed K: the adaptive controller, which reads step timings, may otherwise choose not to draft
-    got = answer("ngram", bias, {"num_speculative_tokens": 8})
+    # a fixed K: the adaptive controller, which reads step timings, may otherwise choose not to draft. Every
+    # chain is accepted whole up to the end tag (the first one drafted right after the prompt), so output
+    # token i is a chain's sampled token where (i + 1) % (K + 1) == 0: K puts the end tag among the drafts
+    k = next(k for k in range(8, 17) if at % (k + 1))
+    got = answer("ngram", bias, {"num_speculative_tokens": k})
     assert any(accepted_end)
     assert got.token_ids == want.token_ids and got.reasoning == want.reasoning
     jsonschema.validate(json.loads(got.text), PERSON)
