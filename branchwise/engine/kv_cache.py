@@ -11,7 +11,8 @@ them and one truncate rolls all of them back.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+import heapq
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -47,7 +48,9 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        # a heap: the lowest free id is taken first, so a sequence that grows alone gets consecutive blocks
+        # (attention on the CPU then reads its K/V as one view instead of gathering the blocks)
+        self.free_blocks: list[int] = list(range(num_blocks))
         self.pools: list[torch.Tensor] = []
         # Set by the prefix cache: frees up to n unreferenced cached blocks, returns how many it freed.
         self.evict: Callable[[int], int] | None = None
@@ -67,7 +70,7 @@ class BlockManager:
     def _take(self) -> int:
         if not self.free_blocks and self.evict is not None:
             self.evict(16)  # a batch: each eviction scans the cache
-        block = self.free_blocks.popleft()
+        block = heapq.heappop(self.free_blocks)
         self.ref_counts[block] = 1
         return block
 
@@ -80,7 +83,7 @@ class BlockManager:
         self.ref_counts[block] -= 1
         assert self.ref_counts[block] >= 0, f"block {block} freed twice"
         if self.ref_counts[block] == 0:
-            self.free_blocks.append(block)
+            heapq.heappush(self.free_blocks, block)
         elif self.ref_counts[block] == 1 and block in self.cached:
             self.num_idle_cached += 1
 

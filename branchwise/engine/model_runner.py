@@ -46,6 +46,8 @@ class Packed:
 
 def pack(plans: list[Plan], block_size: int) -> Packed:
     """The plans as host arrays (the plans are only read)."""
+    if all(len(p.tokens) == p.num_logits == 1 and p.positions is None and not p.first_block for p in plans):
+        return _pack_decode(plans, block_size)
     lens = np.array([len(p.tokens) for p in plans])
     query_start = np.concatenate([[0], np.cumsum(lens)])
     owner = np.repeat(np.arange(len(plans)), lens)
@@ -77,6 +79,33 @@ def pack(plans: list[Plan], block_size: int) -> Packed:
         masks=[p.mask for p in plans],
         logit_idx=logit_idx,
         logits_start=logits_start,
+    )
+
+
+def _pack_decode(plans: list[Plan], block_size: int) -> Packed:
+    """`pack` of plans that feed one token each, at its own position, with its logits (decode steps, a
+    drafter's chain): the same arrays in a few numpy calls (every step and every drafting depth pays them)."""
+    B = len(plans)
+    index = np.arange(B)
+    starts = np.fromiter((p.start for p in plans), np.int64, B)
+    if B == 1:
+        tables = np.array([plans[0].seq.block_table], dtype=np.int64)
+    else:
+        tables = np.zeros((B, max(len(p.seq.block_table) for p in plans)), dtype=np.int64)
+        for b, p in enumerate(plans):
+            tables[b, : len(p.seq.block_table)] = p.seq.block_table
+    offsets = [p.seq.position_offset for p in plans]
+    return Packed(
+        ids=np.fromiter((p.tokens[0] for p in plans), np.int64, B),
+        positions=starts + np.array(offsets) if any(offsets) else starts,
+        slots=tables[index, starts // block_size] * block_size + starts % block_size,
+        owner=index,
+        query_start=np.arange(B + 1),
+        seq_lens=starts + 1,
+        tables=tables,
+        masks=[p.mask for p in plans],
+        logit_idx=index,
+        logits_start=index,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,20 +63,6 @@ def build_metadata(
     Host arrays become tensors without a copy, and on the CPU they are the tensors (every step pays this)."""
     device = torch.device(device)
     query_lens = np.asarray(query_lens, dtype=np.int64)
-    query_start = np.zeros(len(query_lens) + 1, dtype=np.int32)
-    np.cumsum(query_lens, out=query_start[1:])
-    offsets = [-1] * len(masks)
-    flat, used = [], 0
-    for b, mask in enumerate(masks):
-        if mask is not None:
-            n = int(query_lens[b])
-            assert mask.shape == (n, n), f"intra-step mask must be ({n}, {n}), got {tuple(mask.shape)}"
-            offsets[b] = used
-            flat.append(mask.reshape(-1).to(torch.bool).cpu())
-            used += n * n
-    custom = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.bool)
-    total = int(query_start[-1])
-    token_seqs = np.repeat(np.arange(len(query_lens), dtype=np.int32), query_lens)
     cpu = device.type == "cpu"
 
     def tensor(x, dtype: torch.dtype) -> torch.Tensor:
@@ -85,22 +72,55 @@ def build_metadata(
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=NUMPY_INT[dtype]))
         return t if cpu else t.to(device, non_blocking=True)
 
+    B = len(query_lens)
+    if int(query_lens.sum()) == B and all(m is None for m in masks):  # decode-shaped
+        query_start_host, offsets = list(range(B + 1)), [-1] * B
+        query_start, mask_offsets, custom, token_seqs, token_index = _decode_constants(B, device)
+    else:
+        query_start_np = np.zeros(B + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start_np[1:])
+        offsets = [-1] * B
+        flat, used = [], 0
+        for b, mask in enumerate(masks):
+            if mask is not None:
+                n = int(query_lens[b])
+                assert mask.shape == (n, n), f"intra-step mask must be ({n}, {n}), got {tuple(mask.shape)}"
+                offsets[b] = used
+                flat.append(mask.reshape(-1).to(torch.bool).cpu())
+                used += n * n
+        custom = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.bool)
+        custom = custom if cpu else custom.to(device, non_blocking=True)
+        total = int(query_start_np[-1])
+        query_start_host = query_start_np.tolist()
+        query_start, mask_offsets = tensor(query_start_np, torch.int32), tensor(offsets, torch.int32)
+        token_seqs = tensor(np.repeat(np.arange(B, dtype=np.int32), query_lens), torch.int32)
+        token_index = tensor(np.arange(total, dtype=np.int32), torch.int32)
     seq_lens = np.asarray(seq_lens)
     return AttentionMetadata(
         slot_mapping=tensor(slot_mapping, torch.int64),
         positions=tensor(positions, torch.int64),
-        query_start=tensor(query_start, torch.int32),
+        query_start=query_start,
         seq_lens=tensor(seq_lens, torch.int32),
         block_tables=block_tables.to(device=device, dtype=torch.int32, non_blocking=True),
-        mask_offsets=tensor(offsets, torch.int32),
-        custom_mask=custom if cpu else custom.to(device, non_blocking=True),
-        token_seqs=tensor(token_seqs, torch.int32),
-        token_index=tensor(np.arange(total, dtype=np.int32), torch.int32),
+        mask_offsets=mask_offsets,
+        custom_mask=custom,
+        token_seqs=token_seqs,
+        token_index=token_index,
         block_size=block_size,
         max_query_len=int(query_lens.max(initial=0)),
         max_seq_len=int(seq_lens.max(initial=0)),
-        query_start_host=query_start.tolist(),
+        query_start_host=query_start_host,
         seq_lens_host=seq_lens.tolist(),
         mask_offsets_host=offsets,
         backend=kernels.backend(device),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_constants(num_seqs: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """query_start, mask_offsets, custom_mask, token_seqs, token_index of a step of one token per sequence
+    and no masks: the same every such step (made once; nothing writes into metadata tensors)."""
+    seqs = torch.arange(num_seqs, dtype=torch.int32, device=device)
+    query_start = torch.arange(num_seqs + 1, dtype=torch.int32, device=device)
+    offsets = torch.full((num_seqs,), -1, dtype=torch.int32, device=device)
+    return query_start, offsets, torch.zeros(1, dtype=torch.bool, device=device), seqs, seqs

@@ -35,8 +35,10 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write each new token's K/V (T, Hkv, D) into its slot of the caches (blocks, block_size, Hkv, D)."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    if key.dtype != k_cache.dtype:
+        key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
 
 
 @dataclass
@@ -46,20 +48,28 @@ class _Group:
     q_index: torch.Tensor  # (G, Q) token index of each padded query
     kv_blocks: torch.Tensor  # (G, ceil(S / block_size)) the blocks holding each sequence's keys, in order
     num_keys: int  # S: keys per sequence (the longest's; shorter ones' extra keys are masked)
-    valid: torch.Tensor  # (n,) flat indices into G*Q of real queries, in token order
-    token_index: torch.Tensor  # (n,) their token indices
-    mask: torch.Tensor  # (G, 1, Q, S) bool: query may see key
-    query_pos: torch.Tensor  # (G, Q, 1)
-    key_pos: torch.Tensor  # (G, 1, S)
+    valid: torch.Tensor | None  # (n,) flat indices into G*Q of real queries, in token order
+    token_index: torch.Tensor | None  # (n,) their token indices (None for both: in order)
+    mask: torch.Tensor | None  # (G, 1, Q, S) bool: query may see key (None: a decode group's, made on use)
+    query_pos: torch.Tensor | None  # (G, Q, 1)
+    key_pos: torch.Tensor | None  # (G, 1, S)
     windowed: dict = field(default_factory=dict)  # additive masks by (sliding window, dtype)
     cached: int | None = None  # one sequence, plain causal: its keys before this step's (no mask needed)
     first_slot: int | None = None  # ... and its keys lie in consecutive slots from here (no gather needed)
     in_order: bool = False  # every sequence, one new token each: token g is query g (no gather, no scatter)
+    decode: tuple | None = None  # (key counts, positions) a decode group's mask is made from, if needed
 
     def bias_for(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask (0 / -inf; SDPA is faster with it than with booleans), built once per step."""
         key = (sliding_window or 0, dtype)
         if key not in self.windowed:
+            if self.mask is None:  # one new token per sequence: it sees all of its sequence's keys
+                lens, positions = self.decode
+                G, S = len(lens), self.num_keys
+                j = np.arange(S)
+                self.mask = torch.from_numpy((j[None, :] < lens[:, None])[:, None, None])  # (G, 1, 1, S)
+                self.query_pos = positions[self.q_index][:, :, None]
+                self.key_pos = torch.from_numpy(j).expand(G, 1, S)
             mask = self.mask
             if sliding_window:
                 # real rows always keep their own key; padded rows may go empty (NaN), and are discarded
@@ -72,31 +82,37 @@ class _Group:
 
 def _decode_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
     """`_group` for sequences of one new token each, on the CPU: built on the host arrays with numpy (a
-    decode step's metadata costs a few numpy calls, not dozens of small tensor ops)."""
-    lens = np.asarray(meta.seq_lens_host)[seqs]
+    decode step's metadata costs a few numpy calls, not dozens of small tensor ops; a chain drafter pays
+    it at every depth). The mask is made only if some layer needs one."""
+    in_order = len(seqs) == meta.num_seqs  # seqs are in order: all of them is every sequence, as fed
+    lens, tables = np.asarray(meta.seq_lens_host), meta.block_tables.numpy()
+    if not in_order:
+        lens, tables = lens[seqs], tables[seqs]
     G, S, bs = len(seqs), int(lens.max()), meta.block_size
-    q_index = np.asarray(meta.query_start_host)[seqs][:, None]  # (G, 1)
-    tables = meta.block_tables.numpy()[seqs].astype(np.int64)
-    j = np.arange(S)
-    kv_blocks = tables[:, np.minimum(np.arange(-(-S // bs)), tables.shape[1] - 1)]
+    num_blocks = -(-S // bs)
+    if num_blocks <= tables.shape[1]:
+        kv_blocks = tables[:, :num_blocks].astype(np.int64)
+    else:
+        kv_blocks = tables[:, np.minimum(np.arange(num_blocks), tables.shape[1] - 1)].astype(np.int64)
     num_cached = first_slot = None
     if G == 1 and meta.mask_offsets_host[seqs[0]] < 0:
         num_cached = S - 1
-        if (np.diff(kv_blocks[0]) == 1).all():
+        if num_blocks == 1 or (np.diff(kv_blocks[0]) == 1).all():
             first_slot = int(kv_blocks[0, 0]) * bs
-    q_index_t = torch.from_numpy(q_index)
+    q_index = torch.from_numpy(np.asarray(meta.query_start_host)[seqs][:, None])  # (G, 1)
     return _Group(
-        q_index=q_index_t,
-        kv_blocks=torch.from_numpy(np.ascontiguousarray(kv_blocks)),
+        q_index=q_index,
+        kv_blocks=torch.from_numpy(kv_blocks),
         num_keys=S,
-        valid=torch.arange(G),
-        token_index=q_index_t[:, 0],
-        mask=torch.from_numpy((j[None, :] < lens[:, None])[:, None, None]),  # (G, 1, 1, S)
-        query_pos=meta.positions[q_index_t][:, :, None],
-        key_pos=torch.from_numpy(j).expand(G, 1, S),
+        valid=None if in_order else torch.arange(G),
+        token_index=None if in_order else q_index[:, 0],
+        mask=None,
+        query_pos=None,
+        key_pos=None,
         cached=num_cached,
         first_slot=first_slot,
-        in_order=seqs == list(range(meta.num_seqs)),
+        in_order=in_order,
+        decode=(lens, meta.positions),
     )
 
 
@@ -206,7 +222,9 @@ def paged_attention(
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (G, Hkv, S, D)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if g.cached is not None and not sliding_window:
+        # a few queries past a cached prefix (a drafted chain, a short chunk) take the mask: one SDPA call
+        # costs less there than the two a maskless long chunk needs
+        if g.cached is not None and not sliding_window and not (1 < q.shape[2] <= SHORT_QUERY and g.cached):
             o = _causal(q, k, v, g.cached, scale)
         else:
             o = F.scaled_dot_product_attention(
