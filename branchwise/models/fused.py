@@ -46,14 +46,16 @@ def rope_rows(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> tu
     row does not depend on which positions shared the call (about 25 small ops a forward saved). A compiled
     forward (a graph: its ops cost nothing a replay), a GPU, and rotary types whose frequencies move with
     the length compute afresh."""
-    table = rotary.__dict__.get("rows_table")
+    table = rotary.__dict__.get("rows_table")  # (n, 2, D): cos | signed sin of positions 0..n-1
     eager_cpu = h.device.type == "cpu" and not torch.compiler.is_compiling()
     if not eager_cpu or getattr(rotary, "rope_type", None) not in STATIC_ROPE:
         return _signed(*rotary(h, positions[None]))
-    if table is None or table[0].shape[0] <= int(positions.max()) or table[0].dtype != h.dtype:
+    if table is None or table.shape[0] <= int(positions.max()) or table.dtype != h.dtype:
         n = max(1024, 1 << int(positions.max()).bit_length())
-        table = rotary.__dict__["rows_table"] = _signed(*rotary(h, torch.arange(n, device=h.device)[None]))
-    return table[0][positions], table[1][positions]
+        cos, sin = _signed(*rotary(h, torch.arange(n, device=h.device)[None]))
+        table = rotary.__dict__["rows_table"] = torch.cat((cos, sin), dim=1)
+    rows = table.index_select(0, positions)  # one gather for both
+    return rows[:, :1], rows[:, 1:]
 
 
 def _signed(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -88,7 +90,8 @@ class FusedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor:
         """`sin` signed as `rotate` takes it."""
-        qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).view(x.shape[0], -1, self.head_dim)
+        qkv_w, qkv_b, o_w, o_b = self.weights
+        qkv = kernels.linear(x, qkv_w, qkv_b).view(x.shape[0], -1, self.head_dim)
         nq, nkv = self.num_heads_here
         if self.has_qk_norm:
             q = rotate(rms_norm(self.q_norm, qkv[:, :nq]), cos, sin)
@@ -100,7 +103,7 @@ class FusedAttention(nn.Module):
         out = kernels.attend(
             q, k, v, step.kv, self.layer_idx, step.meta, self.scaling, self.window, step.layer_caches
         )
-        out = kernels.linear(out.reshape(x.shape[0], -1), self.o_proj.weight, self.o_proj.bias)
+        out = kernels.linear(out.reshape(x.shape[0], -1), o_w, o_b)
         return self.reduce(out) if self.reduce else out
 
 
@@ -108,8 +111,9 @@ class FusedMLP(nn.Module):
     """Mixed into an HF gated MLP class: down(act(gate(x)) * up(x)) with gate and up as one GEMM."""
 
     def forward(self, x):
-        gate, up = kernels.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias).chunk(2, -1)
-        out = kernels.linear(self.act_fn(gate) * up, self.down_proj.weight, self.down_proj.bias)
+        gate_up_w, gate_up_b, down_w, down_b = self.weights
+        gate, up = kernels.linear(x, gate_up_w, gate_up_b).chunk(2, -1)
+        out = kernels.linear(self.act(gate) * up, down_w, down_b)
         return self.reduce(out) if self.reduce else out
 
 
@@ -141,6 +145,18 @@ def fuse_layer(layer: nn.Module, model_type: str, reduce: Callable | None = None
     mlp.gate_up_proj = _concat(mlp.gate_proj, mlp.up_proj)
     del mlp.gate_proj, mlp.up_proj
     _mix(mlp, FusedMLP)
+    # the forwards read plain attributes: a submodule's parameter costs two nn.Module lookups a layer, and
+    # HF's SiLU module a module call, where a small model's decode step is mostly such per-op overhead
+    qkv, o = attn.qkv_proj, attn.o_proj
+    attn.__dict__["weights"] = (qkv.weight, qkv.bias, o.weight, o.bias)
+    mlp.__dict__["weights"] = (
+        mlp.gate_up_proj.weight,
+        mlp.gate_up_proj.bias,
+        mlp.down_proj.weight,
+        mlp.down_proj.bias,
+    )
+    silu = isinstance(mlp.act_fn, nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"
+    mlp.act = F.silu if silu else mlp.act_fn
     for norm in (layer.input_layernorm, layer.post_attention_layernorm, *_qk_norms(attn)):
         check_one_op_norm(norm)
 
@@ -177,7 +193,8 @@ def fused_forward(
     """(T,) tokens -> (T, H) final-normed hidden states of a fused decoder: the math of HF's forward (its
     norms, residuals, rotary table), without its module calls, decorators and mask building, which cost a
     small model's decode step more than its GEMMs. `aux` gets the residual stream entering `aux_layers`."""
-    h = decoder.embed_tokens(input_ids)
+    embed = decoder.embed_tokens
+    h = embed.weight.index_select(0, input_ids) if type(embed) is nn.Embedding else embed(input_ids)
     cos, sin = rope_rows(decoder.rotary_emb, h, positions)  # once for every layer
     hidden = h.shape[-1]
     for i, layer in enumerate(decoder.layers[: decoder.config.num_hidden_layers]):
