@@ -52,7 +52,7 @@ class StrategyContext:
         """The model's grammar compiler and mask helpers (`constraints.Grammars`)."""
         return self._engine.grammars()
 
-    def stop_token_ids(self, seq: Sequence) -> set[int]:
+    def stop_token_ids(self, seq: Sequence) -> frozenset[int]:
         return self._engine.stop_token_ids(seq)
 
     # -- resources --------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ class LLMEngine:
         self._itl = self.metrics.itl.labels(self.model_name)
         m = self.metrics
         self._load_gauges = [g.labels(self.model_name) for g in (m.running, m.waiting, m.kv_free, m.kv_usage)]
+        self._last_load: tuple[int, int, int] | None = None  # what the gauges show
         self.decode = detokenizer.decoder_for(self.tokenizer)
         self._strategies: dict[str, Strategy] = {}
         self._strategy_lock = threading.Lock()
@@ -118,7 +119,8 @@ class LLMEngine:
         self._num_waiting_seqs = 0  # sequences the scheduler holds waiting, as of the last step
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
-        self._updates: dict[int, SeqUpdate] = {}
+        self._updates: dict[int, tuple[Sequence, SeqUpdate]] = {}  # this step's, by sequence id
+        self._num_generated = 0  # tokens appended this step (the counter is told once a step)
         self.num_steps = 0
         self._observe_load()  # the KV gauges read right before the first step
 
@@ -174,9 +176,12 @@ class LLMEngine:
         except Exception as e:  # e.g. a tokenizer llguidance cannot read
             raise ValueError(f"constraints are not available for this model: {e}") from e
 
-    def stop_token_ids(self, seq: Sequence) -> set[int]:
-        ids = set(seq.params.stop_token_ids)
-        return ids if seq.params.ignore_eos else ids | self.eos_token_ids
+    def stop_token_ids(self, seq: Sequence) -> frozenset[int]:
+        """The tokens that end `seq` (made once: every appended token is checked against them)."""
+        if seq.stop_ids is None:
+            ids = set(seq.params.stop_token_ids)
+            seq.stop_ids = frozenset(ids if seq.params.ignore_eos else ids | self.eos_token_ids)
+        return seq.stop_ids
 
     # -- requests (any thread) --------------------------------------------------------------------
     def add_request(
@@ -269,7 +274,7 @@ class LLMEngine:
             for seq in seqs:
                 if not seq.finished:
                     self._finish(seq, "error", error)
-        return list(self._updates.values())
+        return self._step_updates()
 
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():
@@ -314,7 +319,7 @@ class LLMEngine:
             self.num_steps += 1
             self._run(scheduled)
         self._observe_load()
-        return list(self._updates.values())
+        return self._step_updates()
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> None:
         started = time.perf_counter()
@@ -387,7 +392,7 @@ class LLMEngine:
         # verification read the logits on the host, so these times include the device's work
         ended = time.perf_counter()
         self.step_cost.observe(num_fed, ended - forward_started)
-        tokens = sum(len(u.token_ids) for u in self._updates.values())
+        tokens = sum(len(u.token_ids) for _, u in self._updates.values())
         rate = tokens / max(ended - started, 1e-6)
         stats = self.stats
         stats.goodput = rate if not stats.goodput else 0.9 * stats.goodput + 0.1 * rate
@@ -425,7 +430,11 @@ class LLMEngine:
         run it again one index at a time from the same random and strategy state: only sequences whose own
         call raises fail (their result is None), the others get exactly what they would have alone."""
         saved = [
-            (None if s.params.greedy else s.generator.get_state(), copy.copy(s.strategy_state)) for s in seqs
+            (
+                None if s.params.greedy else s.generator.get_state(),
+                None if s.strategy_state is None else copy.copy(s.strategy_state),
+            )
+            for s in seqs
         ]
         try:
             results = call(list(range(len(seqs))))
@@ -471,7 +480,7 @@ class LLMEngine:
         if seq.finished:  # ended earlier in this step (a Multiverse path whose request ended)
             return
         keep = verdict.kv_keep
-        if keep != list(range(len(keep))):
+        if keep and keep[-1] != len(keep) - 1:  # increasing offsets: not a prefix of the fed tokens
             src = self.blocks.slots(seq, plan.start, plan.start + len(plan.tokens))
             self.blocks.move_slots(
                 torch.tensor([src[k] for k in keep], device=self.device),
@@ -568,7 +577,7 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
-        self._generation_tokens.inc()
+        self._num_generated += 1
         if seq.hidden:  # its text reaches the client through its parent, if at all
             if token in self.stop_token_ids(seq) or seq.num_tokens >= self.max_model_len:
                 self._finish(seq, "stop" if seq.num_tokens < self.max_model_len else "length")
@@ -631,8 +640,10 @@ class LLMEngine:
 
     # -- endings ----------------------------------------------------------------------------------
     def _update(self, seq: Sequence) -> SeqUpdate:
-        if seq.seq_id not in self._updates:
-            self._updates[seq.seq_id] = SeqUpdate(
+        """This step's update of `seq` (its counts are filled in once, when the step returns)."""
+        entry = self._updates.get(seq.seq_id)
+        if entry is None:
+            update = SeqUpdate(
                 request_id=seq.request_id,
                 index=seq.index,
                 token_ids=[],
@@ -642,12 +653,28 @@ class LLMEngine:
                 num_prompt_tokens=seq.num_prompt_tokens,
                 num_output_tokens=0,
             )
-        u = self._updates[seq.seq_id]
-        u.num_output_tokens = seq.num_output_tokens
-        u.num_cached_prompt, u.num_drafted = seq.num_cached_prompt, seq.num_drafted
-        u.num_accepted, u.num_draft_steps = seq.num_accepted, seq.num_draft_steps
-        u.num_forced = seq.num_forced
-        return u
+            entry = self._updates[seq.seq_id] = (seq, update)
+        return entry[1]
+
+    def _step_updates(self) -> list[SeqUpdate]:
+        """This step's updates with each sequence's counts as they stand at its end."""
+        if self._num_generated:
+            self._generation_tokens.inc(self._num_generated)
+            self._num_generated = 0
+        out = []
+        for seq, u in self._updates.values():
+            u.num_output_tokens, u.num_cached_prompt, u.num_forced = (
+                seq.num_output_tokens,
+                seq.num_cached_prompt,
+                seq.num_forced,
+            )
+            u.num_drafted, u.num_accepted, u.num_draft_steps = (
+                seq.num_drafted,
+                seq.num_accepted,
+                seq.num_draft_steps,
+            )
+            out.append(u)
+        return out
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.hidden:  # a hidden sequence cannot end its request alone: the request ends with it
@@ -689,12 +716,14 @@ class LLMEngine:
         self.metrics.preemptions.labels(self.model_name).inc()
 
     def _observe_load(self) -> None:
-        running, waiting, kv_free, kv_usage = self._load_gauges
-        self._num_waiting_seqs = sum(1 + len(s.forks) for s in self.scheduler.waiting)
-        running.set(len(self.scheduler.running))
-        waiting.set(len(self.scheduler.waiting))
-        kv_free.set(self.blocks.num_available)
-        kv_usage.set(1 - self.blocks.num_available / self.num_blocks)
+        waiting = self.scheduler.waiting
+        self._num_waiting_seqs = sum(1 + len(s.forks) for s in waiting) if waiting else 0
+        load = (len(self.scheduler.running), len(waiting), self.blocks.num_available)
+        if load == self._last_load:  # most decode steps: the gauges are set only when a value moves
+            return
+        self._last_load = load
+        for gauge, value in zip(self._load_gauges, (*load, 1 - load[2] / self.num_blocks), strict=True):
+            gauge.set(value)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:

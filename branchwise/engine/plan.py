@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,8 +53,12 @@ class ForwardOutput:
 
     def of(self, indices: list[int]) -> ForwardOutput:
         """The same tensors, with the rows of the plans at `indices` (a strategy's group) in that order."""
-        return replace(
-            self,
-            logits_rows=[self.logits_rows[i] for i in indices],
-            token_rows=[self.token_rows[i] for i in indices],
+        rows, tokens = self.logits_rows, self.token_rows
+        return ForwardOutput(
+            self.logits,
+            self.hidden,
+            self.hidden_all,
+            [rows[i] for i in indices],
+            [tokens[i] for i in indices],
+            self.aux_hidden,
         )

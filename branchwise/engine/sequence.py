@@ -150,6 +150,7 @@ class Sequence:
     position_offset: int = 0  # position = KV index + offset (after merged parallel paths)
     max_cacheable: int | None = None  # tokens whose K/V a later request may reuse (None: all)
     swapped: Any = None  # preempted with K/V no causal recompute gives back: see Scheduler._swap_out
+    stop_ids: frozenset[int] | None = None  # the tokens that end it (`LLMEngine.stop_token_ids`)
     # detokenisation
     output_text: str = ""
     num_text_sent: int = 0
