@@ -274,6 +274,29 @@ def test_adaptive_k_sets_drafting_against_the_steps_where_nobody_chose_to_draft(
     assert k.penalty == 3.0
 
 
+def test_adaptive_k_drafts_again_once_drafting_pays_after_a_burst_taught_it_otherwise():
+    """A burst of load on the machine left the controller with a huge whole-step slope and its highest
+    penalty, so no sequence chose to draft. Probe steps still draft; once they yield more than the plain
+    steps beside them, the penalty falls back and every step drafts again, within a few probes."""
+    k = speculative.AdaptiveK("t", 8)
+    ev = Acceptance(accepted=9.0, rejected=1.0, step=1)
+    k.penalty = 1e4
+    for fed in (1, 40, 2, 60):  # the burst: whole steps that grew 0.1 s per fed token
+        k.step_cost.observe(fed, 0.1 * fed)
+    last = (0, 0.0, 0)  # the last step's tokens, seconds, tokens fed
+    drafted_steps = []
+    for step in range(2, 8 * speculative.PLAIN_EVERY):
+        stats = StepStats(step=step, goodput=100.0, per_token=1e-4, fixed=0.01, running=Counter(t=1))
+        stats.last_tokens, stats.last_seconds, stats.last_fed = last
+        k.begin_step(stats)
+        kk = k.draft_length(_stand_in_seq(), ev, 1000)
+        k.drafting = kk > 0
+        drafted_steps.append(kk > 0)
+        last = (1 + kk, 0.01, 1 + kk)  # a step of the same time yields every drafted token (all accepted)
+    assert drafted_steps[: speculative.PLAIN_EVERY].count(True) == 1  # the probe alone
+    assert sum(drafted_steps[-2 * speculative.PLAIN_EVERY :]) == 2 * speculative.PLAIN_EVERY - 2  # not plain
+
+
 def test_adaptive_k_threshold_follows_a_batch_that_just_filled_up():
     """Right after a batch drained, the smoothed goodput is still a small batch's; what a drafted token
     must beat is what a plain step of the 32 sequences now running yields (by the fitted step cost)."""

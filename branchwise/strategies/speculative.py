@@ -21,6 +21,9 @@ from branchwise.engine.stats import CostModel, StepStats
 
 DECAY = 0.9  # per step, a sequence's acceptance evidence fades: one that stopped drafting is retried
 PLAIN_EVERY = 16  # every 16th step nobody drafts: the yardstick speculation must beat
+# and halfway between two of them, a probe: drafting as the target forward's cost alone says it pays (no
+# penalty, no whole-step slope), so that a controller that stopped drafting (a burst of load on the machine
+# can teach it that anything costs) keeps measuring drafting steps, and drafts again once they pay
 WINDOW = 3  # plain steps per comparison
 
 
@@ -60,6 +63,7 @@ class AdaptiveK:
         self.goodput = self.step_slope = 0.0  # this step's, from the stats and step_cost
         self.stats = StepStats()
         self.plain = False  # this step nobody drafts
+        self.probe = False  # this step drafts by the target forward's cost alone
         self.drafting = False  # some sequence drafted this step (the strategy says so in propose)
         self.num_candidates = 1  # sequences that may draft this step: they share a draft forward's cost
 
@@ -70,7 +74,9 @@ class AdaptiveK:
         chose to draft) follow each other, the two run nearly the same batch, even while it drains or
         fills: each such pair is credited, the drafting step to one side, the plain step to the other.
         Every WINDOW plain steps, or sooner once 2 * WINDOW pairs are in: if the drafting steps yielded
-        fewer tokens per second than the plain ones, the penalty triples; if more, it falls; with no pair
+        fewer tokens per second than the plain ones, the penalty triples; if more, it falls (to 1 from
+        above 3, and a whole-step fit that forbids every draft is dropped: recent evidence that drafting
+        pays outweighs old evidence that it did not); with no pair
         at all it fades slowly, so a lighter load tries again. Steps that carry prefill chunks say
         nothing about decoding: skipped, and no pair spans them.
         """
@@ -95,8 +101,10 @@ class AdaptiveK:
                 self.penalty /= 1.2
             elif spec_tokens / spec_s < plain_tokens / plain_s:
                 self.penalty *= 3.0
-            else:
-                self.penalty /= 1.5
+            else:  # drafting steps beat the plain steps beside them: recent evidence outweighs old
+                self.penalty = 1.0 if self.penalty > 3.0 else self.penalty / 1.5
+                if self.step_slope * self.goodput >= 1.0:  # a fit that forbids every draft: stale
+                    self.step_cost = CostModel()
             self.penalty = min(max(self.penalty, 1.0), 1e4)
             self.window = {True: (0, 0.0), False: (0, 0.0)}
             self.window_plain_steps = self.window_pairs = 0
@@ -105,6 +113,7 @@ class AdaptiveK:
         self.goodput = max(stats.goodput, stats.plain_goodput())
         self.step_slope = self.step_cost.fit()[1]
         self.plain = (stats.step - 1) % PLAIN_EVERY == 0
+        self.probe = (stats.step - 1) % PLAIN_EVERY == PLAIN_EVERY // 2
         self.drafting = False
         self.num_candidates = max(1, stats.running[self.name])
 
@@ -112,6 +121,8 @@ class AdaptiveK:
         """The acceptance probability one more drafted token must beat, this step."""
         # what one more fed token costs: the target's share plus drafting's, or, if more, what this
         # strategy's whole steps grow by per fed token (host work of drafting and verifying counted)
+        if self.probe:
+            return (self.stats.per_token + draft_cost) * self.goodput
         cost = max(self.stats.per_token + draft_cost, self.step_slope)
         return cost * self.goodput * self.penalty
 
