@@ -104,13 +104,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from branchwise.bench.datasets import load_prompts
-    from branchwise.bench.online import bench_compare, bench_serve, format_compare, format_table
+    from branchwise.bench.online import launched
 
     prompts = load_prompts(args.dataset, args.num_prompts)
     # the clients' base_url works too
-    urls = [u.strip().rstrip("/").removesuffix("/v1") for u in args.base_url.split(",")]
+    base_url = args.base_url or ("" if args.launch else "http://127.0.0.1:8000")
+    urls = [u.strip().rstrip("/").removesuffix("/v1") for u in base_url.split(",") if u.strip()]
     out = Path(args.out or f"bench-results/{time_tag()}/serve.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    with launched(args.launch or [], out.parent) as started:
+        run_bench_serve(args, prompts, urls + started, out)
+
+
+def run_bench_serve(args: argparse.Namespace, prompts: list[str], urls: list[str], out) -> None:
+    from branchwise.bench.online import bench_compare, bench_serve, format_compare, format_table
+
     if len(urls) > 1:
         concurrency = [int(c) for c in args.concurrency.split(",")]
         result = bench_compare(
@@ -282,8 +290,17 @@ def main(argv: list[str] | None = None) -> None:
     online = bench.add_parser("serve", help="load an OpenAI-compatible server (ours or any other)")
     online.add_argument(
         "--base-url",
-        default="http://127.0.0.1:8000",
-        help="a server, or several comma-separated: the same load on each in alternated --rounds",
+        default=None,
+        help="a server, or several comma-separated: the same load on each in alternated --rounds "
+        "(default: http://127.0.0.1:8000, unless --launch starts the servers)",
+    )
+    online.add_argument(
+        "--launch",
+        action="append",
+        metavar="CMD",
+        help="start a server for the run (repeatable; after any --base-url servers): a command with "
+        "{port}, e.g. 'branchwise serve --port {port}' and 'transformers serve --continuous-batching "
+        "--port {port}'; stopped when the run ends, its output in server-<i>.log beside --out",
     )
     online.add_argument("--rounds", type=int, default=3, help="rounds per server when comparing servers")
     online.add_argument("--model", default=None, help="model name to send (default: the server's first)")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+import pytest
 from test_server import running_server
 
 from branchwise.bench.offline import bench_offline, format_table
@@ -99,39 +97,25 @@ def test_cli_mistakes_are_one_line_errors_before_any_weights_load():
         assert "Traceback" not in run.stderr
 
 
-def test_bench_serve_compares_with_transformers_serve_in_alternated_rounds(tiny_llama, tmp_path):
-    """One command loads ours and `transformers serve --continuous-batching` alike: theirs refuses
-    `ignore_eos` (422), so neither gets it, and its tokens are its streamed chunks (it sends no usage)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    theirs = f"http://127.0.0.1:{port}"
-    hf = subprocess.Popen(
-        [str(Path(sys.executable).parent / "transformers"), "serve", "--continuous-batching"]
-        + ["--device", "cpu", "--port", str(port), tiny_llama],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def test_bench_serve_compares_with_transformers_serve_in_alternated_rounds(tiny_llama, tmp_path, monkeypatch):
+    """One command starts ours and `transformers serve --continuous-batching` on free ports, loads both
+    alike and stops both: theirs refuses `ignore_eos` (422), so neither gets it, and its tokens are its
+    streamed chunks (it sends no usage)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bin_dir = Path(sys.executable).parent
+    ours = f"{bin_dir / 'branchwise'} serve {tiny_llama} --max-num-seqs 8 --log-level warning --port {{port}}"
+    theirs = f"{bin_dir / 'transformers'} serve --continuous-batching --device cpu --port {{port}} "
+    theirs += tiny_llama
+    out = tmp_path / "compare.json"
+    main(
+        ["bench", "serve", "--launch", ours, "--launch", theirs, "--rounds", "2", "--concurrency", "1,2"]
+        + ["--num-prompts", "3", "--max-tokens", "6", "--out", str(out)]
     )
-    try:
-        with running_server(model=tiny_llama, max_num_seqs=8) as (ours, _):
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(theirs + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert hf.poll() is None and time.monotonic() < deadline, "transformers serve did not start"
-                time.sleep(0.5)
-            out = tmp_path / "compare.json"
-            main(
-                ["bench", "serve", "--base-url", f"{ours},{theirs}", "--rounds", "2", "--concurrency", "1,2"]
-                + ["--num-prompts", "3", "--max-tokens", "6", "--out", str(out)]
-            )
-    finally:
-        hf.terminate()
-        hf.wait(timeout=30)
+    logs = sorted(p.name for p in tmp_path.glob("server-*.log"))
+    assert logs == ["server-0.log", "server-1.log"]
+    for port in (json.loads(out.read_text())["servers"][i]["base_url"] for i in (0, 1)):
+        with pytest.raises(httpx.HTTPError):  # both stopped with the run
+            httpx.get(port + "/v1/models", timeout=2)
     result = json.loads(out.read_text())
     ours_, theirs_ = result["servers"]
     assert not result["ignore_eos"]

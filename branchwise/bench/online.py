@@ -9,11 +9,19 @@ under speculation, where several tokens arrive in one chunk, TPOT and ITL differ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
+import shlex
+import signal
+import socket
 import statistics
+import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from tqdm import tqdm
@@ -254,3 +262,55 @@ def format_table(result: dict) -> str:
             f"{lv['failed']:>6}"
         )
     return "\n".join(rows)
+
+
+@contextlib.contextmanager
+def launched(commands: list[str], log_dir: Path, timeout: float = 600.0) -> Iterator[list[str]]:
+    """Start each server command on a free loopback port (its `{port}`), wait until every one answers
+    `/v1/models`, and give their base URLs; they are stopped on the way out, their output in
+    log_dir/server-<i>.log (e.g. ours and `transformers serve --continuous-batching`, in one command)."""
+    procs: list[subprocess.Popen] = []
+    urls, logs = [], []
+    try:
+        for i, command in enumerate(commands):
+            if "{port}" not in command:
+                raise ValueError(f"--launch {command!r}: the command must take the port as {{port}}")
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            logs.append(log_dir / f"server-{i}.log")
+            with open(logs[-1], "wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        shlex.split(command.replace("{port}", str(port))),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # stopped with whatever it started
+                    )
+                )
+            urls.append(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + timeout
+        for url, proc, command, log in zip(urls, procs, commands, logs, strict=True):
+            while not _answers(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    state = "exited" if proc.poll() is not None else f"did not answer in {timeout:.0f} s"
+                    raise RuntimeError(f"--launch {command!r} {state}; its output: {log}")
+                time.sleep(0.5)
+        yield urls
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _answers(base_url: str) -> bool:
+    try:
+        return httpx.get(base_url + "/v1/models", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
