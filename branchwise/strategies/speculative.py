@@ -74,9 +74,8 @@ class AdaptiveK:
         chose to draft) follow each other, the two run nearly the same batch, even while it drains or
         fills: each such pair is credited, the drafting step to one side, the plain step to the other.
         Every WINDOW plain steps, or sooner once 2 * WINDOW pairs are in: if the drafting steps yielded
-        fewer tokens per second than the plain ones, the penalty triples; if more, it falls (to 1 from
-        above 3, and a whole-step fit that forbids every draft is dropped: recent evidence that drafting
-        pays outweighs old evidence that it did not); with no pair
+        fewer tokens per second than the plain ones, the penalty triples; if more, it falls (by as much
+        from above 3, and a whole-step fit that forbids every draft is dropped: stale); with no pair
         at all it fades slowly, so a lighter load tries again. Steps that carry prefill chunks say
         nothing about decoding: skipped, and no pair spans them.
         """
@@ -101,8 +100,8 @@ class AdaptiveK:
                 self.penalty /= 1.2
             elif spec_tokens / spec_s < plain_tokens / plain_s:
                 self.penalty *= 3.0
-            else:  # drafting steps beat the plain steps beside them: recent evidence outweighs old
-                self.penalty = 1.0 if self.penalty > 3.0 else self.penalty / 1.5
+            else:  # drafting steps beat the plain steps beside them
+                self.penalty /= 3.0 if self.penalty > 3.0 else 1.5
                 if self.step_slope * self.goodput >= 1.0:  # a fit that forbids every draft: stale
                     self.step_cost = CostModel()
             self.penalty = min(max(self.penalty, 1.0), 1e4)
