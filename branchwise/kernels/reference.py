@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,21 +58,20 @@ class _Group:
     cached: int | None = None  # one sequence, plain causal: its keys before this step's (no mask needed)
     first_slot: int | None = None  # ... and its keys lie in consecutive slots from here (no gather needed)
     in_order: bool = False  # every sequence, one new token each: token g is query g (no gather, no scatter)
-    decode: tuple | None = None  # (key counts, positions) a decode group's mask is made from, if needed
+    # on the CPU the mask, and the positions a sliding window compares, are made on first use
+    make_mask: Callable[[], torch.Tensor] | None = None
+    make_positions: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def bias_for(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask (0 / -inf; SDPA is faster with it than with booleans), built once per step."""
         key = (sliding_window or 0, dtype)
         if key not in self.windowed:
-            if self.mask is None:  # one new token per sequence: it sees all of its sequence's keys
-                lens, positions = self.decode
-                G, S = len(lens), self.num_keys
-                j = np.arange(S)
-                self.mask = torch.from_numpy((j[None, :] < lens[:, None])[:, None, None])  # (G, 1, 1, S)
-                self.query_pos = positions[self.q_index][:, :, None]
-                self.key_pos = torch.from_numpy(j).expand(G, 1, S)
+            if self.mask is None:
+                self.mask = self.make_mask()
             mask = self.mask
             if sliding_window:
+                if self.query_pos is None:
+                    self.query_pos, self.key_pos = self.make_positions()
                 # real rows always keep their own key; padded rows may go empty (NaN), and are discarded
                 mask = mask & ((self.query_pos - self.key_pos) < sliding_window)[:, None]
             self.windowed[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
@@ -80,15 +80,16 @@ class _Group:
         return self.windowed[key]
 
 
-def _decode_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
-    """`_group` for sequences of one new token each, on the CPU: built on the host arrays with numpy (a
-    decode step's metadata costs a few numpy calls, not dozens of small tensor ops; a chain drafter pays
-    it at every depth). The mask is made only if some layer needs one."""
-    in_order = len(seqs) == meta.num_seqs  # seqs are in order: all of them is every sequence, as fed
-    lens, tables = np.asarray(meta.seq_lens_host), meta.block_tables.numpy()
-    if not in_order:
-        lens, tables = lens[seqs], tables[seqs]
-    G, S, bs = len(seqs), int(lens.max()), meta.block_size
+def _host_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
+    """`_group` on the CPU, built with numpy on the host arrays: a step's gather indices cost a few numpy
+    calls, not dozens of small tensor ops (every step pays them, a chain drafter at every depth). The mask
+    and the positions a sliding window compares are made only if some layer needs them."""
+    qs, seq_len = np.asarray(meta.query_start_host), np.asarray(meta.seq_lens_host)
+    start, q_len, tables = qs[:-1], np.diff(qs), meta.block_tables.numpy()
+    every = len(seqs) == meta.num_seqs  # seqs are in order: all of them is every sequence, as fed
+    if not every:
+        start, q_len, seq_len, tables = start[seqs], q_len[seqs], seq_len[seqs], tables[seqs]
+    G, Q, S, bs = len(seqs), int(q_len.max()), int(seq_len.max()), meta.block_size
     num_blocks = -(-S // bs)
     if num_blocks <= tables.shape[1]:
         kv_blocks = tables[:, :num_blocks].astype(np.int64)
@@ -96,31 +97,63 @@ def _decode_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
         kv_blocks = tables[:, np.minimum(np.arange(num_blocks), tables.shape[1] - 1)].astype(np.int64)
     num_cached = first_slot = None
     if G == 1 and meta.mask_offsets_host[seqs[0]] < 0:
-        num_cached = S - 1
+        num_cached = S - Q
         if num_blocks == 1 or (np.diff(kv_blocks[0]) == 1).all():
             first_slot = int(kv_blocks[0, 0]) * bs
-    q_index = torch.from_numpy(np.asarray(meta.query_start_host)[seqs][:, None])  # (G, 1)
+    i = np.arange(Q)
+    real = i[None, :] < q_len[:, None]  # (G, Q)
+    q_index = start[:, None] + np.minimum(i[None, :], q_len[:, None] - 1)  # (G, Q)
+    in_order = every and Q == 1
+
+    j = np.arange(S)
+    rel = j[None, :] - (seq_len - q_len)[:, None]  # (G, S) key index among the new tokens
+
+    def make_mask() -> torch.Tensor:
+        """(G, 1, Q, S): every cached key, and the new ones causally or by the sequence's own mask."""
+        if Q == 1:
+            return torch.from_numpy((j[None, :] < seq_len[:, None])[:, None, None])
+        new = rel[:, None, :]  # (G, 1, S)
+        mask = (new < 0) | (new <= i[None, :, None]) & (j < seq_len[:, None])[:, None, :]  # (G, Q, S)
+        custom = meta.custom_mask.numpy()
+        for g, b in enumerate(seqs):
+            if (off := meta.mask_offsets_host[b]) >= 0:
+                n = int(q_len[g])
+                c = int(seq_len[g]) - n
+                mask[g, :n, c : c + n] = custom[off : off + n * n].reshape(n, n)
+        mask &= real[:, :, None]
+        mask[:, :, 0] |= ~real  # padded rows see key 0 only
+        return torch.from_numpy(mask[:, None])
+
+    def make_positions() -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, Q, 1) query and (G, 1, S) key positions (cached keys: their index)."""
+        positions = meta.positions.numpy()
+        new = (rel >= 0) & (rel < q_len[:, None])  # keys written this step
+        new_idx = np.minimum(start[:, None] + np.maximum(rel, 0), len(positions) - 1)
+        key_pos = np.where(new, positions[new_idx], j[None, :])
+        return torch.from_numpy(positions[q_index][:, :, None]), torch.from_numpy(key_pos[:, None, :])
+
     return _Group(
-        q_index=q_index,
+        q_index=torch.from_numpy(q_index),
         kv_blocks=torch.from_numpy(kv_blocks),
         num_keys=S,
-        valid=None if in_order else torch.arange(G),
-        token_index=None if in_order else q_index[:, 0],
+        valid=None if in_order else torch.from_numpy((np.arange(G)[:, None] * Q + i[None, :])[real]),
+        token_index=None if in_order else torch.from_numpy(q_index[real]),
         mask=None,
         query_pos=None,
         key_pos=None,
         cached=num_cached,
         first_slot=first_slot,
         in_order=in_order,
-        decode=(lens, meta.positions),
+        make_mask=make_mask,
+        make_positions=make_positions,
     )
 
 
 def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _Group:
+    if device.type == "cpu":
+        return _host_group(meta, seqs)
     qs, lens, offs = meta.query_start_host, meta.seq_lens_host, meta.mask_offsets_host
     q_lens = [qs[b + 1] - qs[b] for b in seqs]
-    if device.type == "cpu" and max(q_lens) == 1:
-        return _decode_group(meta, seqs)
     Q, S, G = max(q_lens), max(lens[b] for b in seqs), len(seqs)
     sel = torch.tensor(seqs, device=device)
     q_len = torch.tensor(q_lens, device=device)[:, None]  # (G, 1)
@@ -134,12 +167,7 @@ def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _G
     tables = meta.block_tables[sel].long()
     kv_blocks = tables[:, torch.arange(-(-S // bs), device=device).clamp(max=tables.shape[1] - 1)]
 
-    num_cached, first_slot = None, None
-    if G == 1 and offs[seqs[0]] < 0 and device.type == "cpu":  # (a host read: CPU only)
-        num_cached = int(S - Q)
-        used = tables[0, : -(-S // bs)]
-        if bool((used.diff() == 1).all()):
-            first_slot = int(used[0]) * bs
+    num_cached, first_slot = None, None  # (found by host reads: the CPU's `_host_group` only)
     if Q == 1:  # decode: each query sees all of its sequence's keys, itself last
         mask = (j[None, :] < seq_len)[:, None, None]  # (G, 1, 1, S)
         key_pos = j[None, None, :].expand(G, 1, S)

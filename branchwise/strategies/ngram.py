@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.sequence import Sequence
@@ -26,15 +25,22 @@ MAX_NGRAM, MIN_NGRAM = 4, 1
 def lookup(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
     """Up to k tokens that followed the latest earlier match of the longest matching suffix n-gram."""
     arr = np.asarray(tokens)
-    for n in range(max_n, min_n - 1, -1):
-        if len(arr) <= n:
-            continue
-        windows = sliding_window_view(arr[:-1], n)  # each window has at least one token after it
-        hits = np.flatnonzero((windows == arr[-n:]).all(1))
-        if hits.size:
-            at = int(hits[-1]) + n
-            return arr[at : at + k].tolist()
-    return []
+    last = len(arr) - 1
+    # ends of earlier matches of the last token (each with a token after it), then of longer suffixes:
+    # each n keeps the ends whose match of n - 1 tokens extends one further back
+    ends = np.flatnonzero(arr[:last] == arr[last]) if last > 0 else arr[:0]
+    found = ends if min_n <= 1 else arr[:0]
+    for n in range(2, max_n + 1):
+        ends = ends[ends >= n - 1]
+        ends = ends[arr[ends - (n - 1)] == arr[last - n + 1]]
+        if not ends.size:
+            break
+        if n >= min_n:
+            found = ends
+    if not found.size:
+        return []
+    at = int(found[-1]) + 1
+    return arr[at : at + k].tolist()
 
 
 class NgramStrategy(Strategy):
