@@ -73,7 +73,7 @@ def build_metadata(
         return t if cpu else t.to(device, non_blocking=True)
 
     B = len(query_lens)
-    if int(query_lens.sum()) == B and all(m is None for m in masks):  # decode-shaped
+    if (query_lens == 1).all() and all(m is None for m in masks):  # decode-shaped
         query_start_host, offsets = list(range(B + 1)), [-1] * B
         query_start, mask_offsets, custom, token_seqs, token_index = _decode_constants(B, device)
     else:
