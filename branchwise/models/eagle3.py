@@ -19,6 +19,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from branchwise.models.fused import fuse_drafter_layer, layer_forward, rms_norm, rope_rows
 from branchwise.models.loader import decoder_of
 
 FOLDER = "eagle3"  # what `branchwise train eagle3` writes beside a model
@@ -100,6 +101,7 @@ class Eagle3Drafter(nn.Module):
         self.rotary = LlamaRotaryEmbedding(config)
         self.config = config
         self._target = [target]  # a list: not a submodule, its weights stay the target's
+        self.fused = False
 
     @property
     def kv_shape(self) -> tuple[int, int, int]:
@@ -107,6 +109,11 @@ class Eagle3Drafter(nn.Module):
 
     def set_attention(self, name: str) -> None:
         self.config._attn_implementation = name
+
+    def fuse(self) -> None:
+        """For serving only: the layer runs the target's lean fused path (one GEMM for q/k/v, one for
+        gate/up), where the target's architecture has one."""
+        self.fused = fuse_drafter_layer(self.midlayer, "llama", (self.midlayer.hidden_norm, self.norm))
 
     def forward(
         self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, **kwargs
@@ -121,6 +128,12 @@ class Eagle3Drafter(nn.Module):
         if h.shape[-1] != self.config.hidden_size:
             h = self.fc(h)
         layer = self.midlayer
+        step = kwargs.get("branchwise_step")
+        if self.fused and step is not None and input_ids.dim() == 1:  # serving: the target's lean path
+            normed = rms_norm(layer.hidden_norm, h)
+            residual = normed if self.norm_before_residual else h
+            x = torch.cat([rms_norm(layer.input_layernorm, emb), normed], dim=-1)
+            return layer_forward(layer, residual, *rope_rows(self.rotary, x, positions), step, x)
         if self.norm_before_residual:
             h = residual = layer.hidden_norm(h)
         else:
@@ -137,7 +150,7 @@ class Eagle3Drafter(nn.Module):
 
     def draft_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary."""
-        return self.lm_head(self.norm(x))
+        return self.lm_head(rms_norm(self.norm, x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the target vocabulary: tokens outside the draft vocabulary get the lowest finite

@@ -201,9 +201,34 @@ def fused_forward(
         for k, j in enumerate(aux_layers):  # a layer may be named twice
             if j == i:
                 aux[: h.shape[0], k * hidden : (k + 1) * hidden].copy_(h)
-        h = h + layer.self_attn.forward(rms_norm(layer.input_layernorm, h), cos, sin, step)
-        h = h + layer.mlp.forward(rms_norm(layer.post_attention_layernorm, h))
+        h = layer_forward(layer, h, cos, sin, step)
     return rms_norm(decoder.norm, h)
+
+
+def layer_forward(
+    layer: nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    step,
+    x: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One fused decoder layer on the residual stream h; `x` is what its attention reads if not norm(h)
+    (an EAGLE-3 layer's [embedding, hidden])."""
+    x = rms_norm(layer.input_layernorm, h) if x is None else x
+    h = h + layer.self_attn.forward(x, cos, sin, step)
+    return h + layer.mlp.forward(rms_norm(layer.post_attention_layernorm, h))
+
+
+def fuse_drafter_layer(layer: nn.Module, model_type: str, norms: tuple[nn.Module, ...] = ()) -> bool:
+    """Fuse a drafter's decoder layer (an MTP block, an EAGLE-3 layer) for serving, as the target's are;
+    its other `norms` checked for the one-op path. False (untouched) for an architecture not mirrored."""
+    if model_type not in FUSED_ARCHITECTURES or not hasattr(layer.mlp, "gate_proj"):
+        return False
+    fuse_layer(layer, model_type)
+    for norm in norms:
+        check_one_op_norm(norm)
+    return True
 
 
 def fused_weights(model: nn.Module) -> list[torch.Tensor]:

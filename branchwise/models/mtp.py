@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from branchwise import kernels
+from branchwise.models.fused import fuse_drafter_layer, layer_forward, rms_norm, rope_rows
 from branchwise.models.loader import decoder_of
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,19 @@ class MTPModule(nn.Module):
         self.shared_head.norm = norm(hidden, eps=config.rms_norm_eps)
         self.config = config
         self._target = [target]  # a list: not a submodule, its weights stay the target's
+        self.fused = False
 
     def set_attention(self, name: str) -> None:
         """The attention function the block calls (ours when serving, SDPA when training)."""
         self.config._attn_implementation = name
+
+    def fuse(self) -> None:
+        """For serving only (the block's q/k/v and gate/up become one GEMM each: a trainer needs them apart):
+        the block runs the target's lean fused path where its architecture has one."""
+        target = self._target[0]
+        norms = (self.enorm, self.hnorm, self.shared_head.norm)
+        self.fused = fuse_drafter_layer(self.block, target.config.model_type, norms)
+        self.fused = self.fused and type(decoder_of(target).embed_tokens) is nn.Embedding
 
     def forward(
         self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, **kwargs
@@ -63,6 +74,12 @@ class MTPModule(nn.Module):
         """(..., T) tokens and (..., T, H) hidden states of the positions before them -> (..., T, H)."""
         target = self._target[0]
         decoder = decoder_of(target)
+        step = kwargs.get("branchwise_step")
+        if self.fused and step is not None and input_ids.dim() == 1:  # serving: the target's lean path
+            emb = decoder.embed_tokens.weight.index_select(0, input_ids)
+            e, h = rms_norm(self.enorm, emb), rms_norm(self.hnorm, hidden.to(emb.dtype))
+            x = kernels.linear(torch.cat([e, h], dim=-1), self.eh_proj.weight)
+            return layer_forward(self.block, x, *rope_rows(decoder.rotary_emb, x, positions), step)
         emb = decoder.embed_tokens(input_ids)
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden.to(emb.dtype))], dim=-1))
         batched = x.dim() == 3
@@ -73,7 +90,7 @@ class MTPModule(nn.Module):
         return x if batched else x[0]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._target[0].get_output_embeddings()(self.shared_head.norm(x))
+        return self._target[0].get_output_embeddings()(rms_norm(self.shared_head.norm, x))
 
 
 def find_mtp(model_path: str, mtp_path: str | None = None) -> tuple[str, str] | None:

@@ -53,7 +53,7 @@ class Eagle3Strategy(MTPStrategy):
         return Resources(drafter, drafter.kv_shape, found)
 
     def __init__(self, ctx: StrategyContext, resources: Resources | None = None) -> None:
-        super().__init__(ctx, resources)
+        super().__init__(ctx, resources)  # which fuses the drafter's layer (`fuse`)
         self.feature_width = self.module.fc.weight.shape[1]
         ctx.capture_hidden(self.module.aux_layers)
 

@@ -63,6 +63,7 @@ class MTPStrategy(Strategy):
             raise ValueError(self.needs)
         self.module = resources.weights
         self.module.set_attention(ATTENTION_NAME)
+        self.module.fuse()
         self.pool = ctx.add_pool(*resources.kv_shape)
         self.feature_width = ctx.model_config.hidden_size  # of the target rows the module reads
         self.k = AdaptiveK(self.name, ctx.config.num_speculative_tokens)
