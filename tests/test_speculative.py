@@ -297,6 +297,22 @@ def test_adaptive_k_drafts_again_once_drafting_pays_after_a_burst_taught_it_othe
     assert sum(drafted_steps[-2 * speculative.PLAIN_EVERY :]) == 2 * speculative.PLAIN_EVERY - 2  # not plain
 
 
+def test_a_drafter_depth_runs_only_where_the_chains_still_going_pay_its_fixed_cost():
+    """One drafter forward costs 1.5 ms however few chains it drafts for: in a batch of 32 it pays for
+    32 chains that accept most drafts, not for the 2 still going at depth 4. A probe step drafts anyway
+    (the drafter's cost is measured only when it runs)."""
+    k = speculative.AdaptiveK("t", 8)
+    stats = dict(goodput=1000.0, per_token=0.0001, fixed=0.01, running=Counter(t=32))
+    k.begin_step(StepStats(step=2, **stats))
+    sure = Acceptance(accepted=9.0, rejected=1.0, step=2)
+    assert k.depth_pays([sure] * 32, 0, 0.0015, 0.00001)
+    assert not k.depth_pays([sure] * 2, 3, 0.0015, 0.00001)
+    k.begin_step(StepStats(step=speculative.PLAIN_EVERY // 2 + 1, **stats))
+    assert k.probe and k.depth_pays([sure] * 2, 3, 0.0015, 0.00001)
+    k.begin_step(StepStats(step=speculative.PLAIN_EVERY + 1, **stats))
+    assert k.plain and not k.depth_pays([sure] * 32, 0, 0.0015, 0.00001)
+
+
 def test_adaptive_k_threshold_follows_a_batch_that_just_filled_up():
     """Right after a batch drained, the smoothed goodput is still a small batch's; what a drafted token
     must beat is what a plain step of the 32 sequences now running yields (by the fitted step cost)."""

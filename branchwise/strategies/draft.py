@@ -40,6 +40,7 @@ class ChainDrafter(Protocol):
     """A model drafter: what it feeds at each depth, and one batched forward of its model."""
 
     cost: CostModel
+    k: AdaptiveK
 
     def draft_plan(self, seq: Sequence, depth: int, drafted: list[int], carry) -> Plan: ...
 
@@ -61,6 +62,10 @@ def draft_chains(
         for depth in range(max((want[i] for i in active), default=0)):
             idx = [i for i in active if want[i] > depth]
             if not idx:  # every chain still going has met the end of its grammar
+                break
+            pinned = any("num_speculative_tokens" in seqs[i].strategy_params for i in idx)
+            evidence = [seqs[i].strategy_state or Acceptance() for i in idx]
+            if not pinned and not drafter.k.depth_pays(evidence, depth, *drafter.cost.fit()):
                 break
             plans = [drafter.draft_plan(seqs[i], depth, drafts[i], carry[i]) for i in idx]
             started = time.perf_counter()

@@ -125,6 +125,18 @@ class AdaptiveK:
         cost = max(self.stats.per_token + draft_cost, self.step_slope)
         return cost * self.goodput * self.penalty
 
+    def depth_pays(self, evidence: list[Acceptance], depth: int, fixed: float, per_token: float) -> bool:
+        """Whether one more drafter forward (`fixed` + `per_token` seconds a chain), drafting token
+        depth + 1 of the chains still going, yields more than it costs. Its fixed cost is theirs alone:
+        the per-sequence rule shares it among every candidate of the batch, and a few deep chains in a
+        large batch would pay it at every depth. A probe drafts regardless: the drafter's costs are
+        measured only when it runs (one forward over long prompts' catch-up must not stop it for good)."""
+        if self.plain or self.probe:
+            return not self.plain
+        gain = sum(self.acceptance(ev) ** (depth + 1) for ev in evidence)
+        cost = fixed + len(evidence) * (per_token + self.stats.per_token)
+        return gain > cost * self.goodput * self.penalty
+
     def acceptance(self, ev: Acceptance) -> float:
         """Estimated probability that the sequence's next drafted token is accepted."""
         fade = DECAY ** max(0, self.stats.step - ev.step)

@@ -194,7 +194,8 @@ def grow(corpus, ends: np.ndarray, max_nodes: int, max_depth: int, min_prob: flo
         draft.tokens.append(token)
         draft.parents.append(parent)  # popped before its children: every prefix is a tree
         draft.score -= neg
-        expand(pos, -neg, len(draft.tokens), depth)
+        if len(draft.tokens) < max_nodes:  # else no child could join
+            expand(pos, -neg, len(draft.tokens), depth)
     return draft
 
 
@@ -272,13 +273,14 @@ class SuffixStrategy(Strategy):
             fixed = "num_speculative_tokens" in seq.strategy_params
             left = (seq.params.max_tokens or self.ctx.max_model_len) - seq.num_output_tokens
             room = min(left - 1, self.ctx.max_model_len - seq.num_tokens - 1)
-            if room <= 0 or (self.k.plain and not fixed):
+            floor = params["min_token_prob"]
+            if not fixed and not self.k.plain:  # the cost rule: a node must be likelier than its cost
+                floor = max(floor, self.k.threshold())
+            params["num_speculative_tokens"] = min(params["num_speculative_tokens"], room)
+            # no node can pass (a probability is at most 1): no search, the step costs what `ar`'s does
+            if params["num_speculative_tokens"] <= 0 or floor > 1.0 or (self.k.plain and not fixed):
                 st.draft = Draft()
             else:
-                floor = params["min_token_prob"]
-                if not fixed:  # the cost rule: a node must be likelier than what feeding it costs
-                    floor = max(floor, self.k.threshold())
-                params["num_speculative_tokens"] = min(params["num_speculative_tokens"], room)
                 tree = seq.params.greedy  # sampled requests verify one chain exactly
                 corpora = [st.prompt, self.cache]
                 st.draft = speculate(corpora, st.prompt.tokens, params, floor, tree, room)
