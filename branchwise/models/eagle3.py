@@ -113,6 +113,8 @@ class Eagle3Drafter(nn.Module):
     def fuse(self) -> None:
         """For serving only: the layer runs the target's lean fused path (one GEMM for q/k/v, one for
         gate/up), where the target's architecture has one."""
+        if self.fused:  # once: its projections are fused in place
+            return
         self.fused = fuse_drafter_layer(self.midlayer, "llama", (self.midlayer.hidden_norm, self.norm))
 
     def forward(

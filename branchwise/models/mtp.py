@@ -63,10 +63,13 @@ class MTPModule(nn.Module):
     def fuse(self) -> None:
         """For serving only (the block's q/k/v and gate/up become one GEMM each: a trainer needs them apart):
         the block runs the target's lean fused path where its architecture has one."""
+        if self.fused:  # once: its projections are fused in place
+            return
         target = self._target[0]
+        if type(decoder_of(target).embed_tokens) is not nn.Embedding:  # the lean path reads its weight
+            return
         norms = (self.enorm, self.hnorm, self.shared_head.norm)
         self.fused = fuse_drafter_layer(self.block, target.config.model_type, norms)
-        self.fused = self.fused and type(decoder_of(target).embed_tokens) is nn.Embedding
 
     def forward(
         self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, **kwargs

@@ -64,7 +64,7 @@ def draft_chains(
             if not idx:  # every chain still going has met the end of its grammar
                 break
             pinned = any("num_speculative_tokens" in seqs[i].strategy_params for i in idx)
-            evidence = [seqs[i].strategy_state or Acceptance() for i in idx]
+            evidence = [_evidence(seqs[i].strategy_state) for i in idx]
             if not pinned and not drafter.k.depth_pays(evidence, depth, *drafter.cost.fit()):
                 break
             plans = [drafter.draft_plan(seqs[i], depth, drafts[i], carry[i]) for i in idx]
@@ -112,6 +112,11 @@ def draft_chains(
         q_t = torch.stack(q) if d and not seq.params.greedy else None
         plans.append(Plan(seq, pending + d, num_logits=len(d) + 1, drafts=d, draft_probs=q_t))
     return plans
+
+
+def _evidence(state) -> Acceptance:
+    """A sequence's acceptance evidence (a fresh one before its first draft: the strategy's prior)."""
+    return state if isinstance(state, Acceptance) else Acceptance()
 
 
 def _masked(ctx: StrategyContext, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
