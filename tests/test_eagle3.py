@@ -127,6 +127,7 @@ def test_both_layouts_load_and_a_drafting_step_is_the_layers_math(eagle_target, 
     folder = Path(eagle_target) / layout
     llm = LLM(eagle_target, eagle_model=str(folder), max_num_batched_tokens=256)
     strategy = llm.engine.strategy("eagle3")
+    assert strategy.module.fused  # serving runs the lean fused layer; the reference below is dense math
     draft_forward, seen = strategy.draft_forward, []
 
     def recording(plans):

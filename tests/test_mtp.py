@@ -57,6 +57,7 @@ def test_mtp_drafts_equal_a_dense_recomputation_of_the_module(spec_target, promp
     final text: its K/V catch-up after chunked prefill, accepted and rejected drafts is exact."""
     llm = LLM(spec_target, max_num_batched_tokens=32, prefix_cache=False)
     strategy = llm.engine.strategy("mtp")
+    assert strategy.module.fused  # the drafts come from the lean fused layer; the reference is HF's module
     seen = []
     propose = strategy.propose
 
