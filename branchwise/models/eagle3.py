@@ -115,7 +115,8 @@ class Eagle3Drafter(nn.Module):
         gate/up), where the target's architecture has one."""
         if self.fused:  # once: its projections are fused in place
             return
-        self.fused = fuse_drafter_layer(self.midlayer, "llama", (self.midlayer.hidden_norm, self.norm))
+        norms = (self.midlayer.hidden_norm, self.norm)
+        self.fused = fuse_drafter_layer(self.midlayer, "llama", self._target[0], norms)
 
     def forward(
         self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, **kwargs

@@ -9,6 +9,7 @@ attention and MLP forwards are mirrored here; any other model keeps HF's modules
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -174,6 +175,42 @@ def fuse_projections(model: nn.Module, reduce: Callable | None = None) -> bool:
     for layer in layers:
         fuse_layer(layer, model_type, reduce)
     check_one_op_norm(getattr(model, model.base_model_prefix).norm)
+    pick_cpu_layout(fused_weights(model))
+    return True
+
+
+COLUMN_MAJOR_LIMIT = 1 << 30  # bytes of weights past which the layout is not probed (it copies them once)
+
+
+@torch.no_grad()
+def pick_cpu_layout(weights: list[torch.Tensor]) -> bool:
+    """Store the CPU GEMM weights column-major if decode-shaped GEMMs over all of them in a row, as a step
+    reads them (1 and 8 rows), run at least 5 % faster that way: F.linear then makes one plain x @ (K, N)
+    GEMM, which on an AVX2 EPYC with MKL makes the demo's decode steps 10-15 % faster. Same shapes and
+    values; kept row-major where it is no clear win, off the CPU, and for weights past COLUMN_MAJOR_LIMIT."""
+    if not weights or weights[0].device.type != "cpu" or weights[0].dim() != 2:
+        return False
+    if sum(w.numel() * w.element_size() for w in weights) > COLUMN_MAJOR_LIMIT:
+        return False
+    columns = [w.data.t().contiguous().t() for w in weights]
+    rows = [w.data for w in weights]
+    inputs = {r: [torch.ones(r, w.shape[1], dtype=w.dtype) for w in weights] for r in (1, 8)}
+
+    def sweep(tensors: list[torch.Tensor]) -> float:
+        started = time.perf_counter()
+        for xs in inputs.values():
+            for x, w in zip(xs, tensors, strict=True):
+                F.linear(x, w)
+        return time.perf_counter() - started
+
+    best = {"rows": float("inf"), "columns": float("inf")}
+    for _ in range(7):  # interleaved, best of 7 (the first rounds warm the threads and caches)
+        best["rows"] = min(best["rows"], sweep(rows))
+        best["columns"] = min(best["columns"], sweep(columns))
+    if best["columns"] >= 0.95 * best["rows"]:
+        return False
+    for w, c in zip(weights, columns, strict=True):
+        w.data = c
     return True
 
 
@@ -220,14 +257,21 @@ def layer_forward(
     return h + layer.mlp.forward(rms_norm(layer.post_attention_layernorm, h))
 
 
-def fuse_drafter_layer(layer: nn.Module, model_type: str, norms: tuple[nn.Module, ...] = ()) -> bool:
-    """Fuse a drafter's decoder layer (an MTP block, an EAGLE-3 layer) for serving, as the target's are;
-    its other `norms` checked for the one-op path. False (untouched) for an architecture not mirrored."""
+def fuse_drafter_layer(
+    layer: nn.Module, model_type: str, target: nn.Module, norms: tuple[nn.Module, ...] = ()
+) -> bool:
+    """Fuse a drafter's decoder layer (an MTP block, an EAGLE-3 layer) for serving, as the target's are
+    (their storage order too); its other `norms` checked for the one-op path. False (untouched) for an
+    architecture not mirrored."""
     if model_type not in FUSED_ARCHITECTURES or not hasattr(layer.mlp, "gate_proj"):
         return False
     fuse_layer(layer, model_type)
     for norm in norms:
         check_one_op_norm(norm)
+    theirs = fused_weights(target)
+    if theirs and theirs[0].dim() == 2 and theirs[0].stride(0) == 1 and theirs[0].shape[1] > 1:
+        for w in fused_weights(layer):
+            w.data = w.data.t().contiguous().t()
     return True
 
 

@@ -69,7 +69,7 @@ class MTPModule(nn.Module):
         if type(decoder_of(target).embed_tokens) is not nn.Embedding:  # the lean path reads its weight
             return
         norms = (self.enorm, self.hnorm, self.shared_head.norm)
-        self.fused = fuse_drafter_layer(self.block, target.config.model_type, norms)
+        self.fused = fuse_drafter_layer(self.block, target.config.model_type, target, norms)
 
     def forward(
         self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, **kwargs
