@@ -192,7 +192,7 @@ def pick_cpu_layout(weights: list[torch.Tensor]) -> bool:
         return False
     if sum(w.numel() * w.element_size() for w in weights) > COLUMN_MAJOR_LIMIT:
         return False
-    columns = [w.data.t().contiguous().t() for w in weights]
+    columns = [column_major(w.data) for w in weights]
     rows = [w.data for w in weights]
     inputs = {r: [torch.ones(r, w.shape[1], dtype=w.dtype) for w in weights] for r in (1, 8)}
 
@@ -269,10 +269,15 @@ def fuse_drafter_layer(
     for norm in norms:
         check_one_op_norm(norm)
     theirs = fused_weights(target)
-    if theirs and theirs[0].dim() == 2 and theirs[0].stride(0) == 1 and theirs[0].shape[1] > 1:
+    if theirs and theirs[0].stride() == column_major(theirs[0]).stride():
         for w in fused_weights(layer):
-            w.data = w.data.t().contiguous().t()
+            w.data = column_major(w.data)
     return True
+
+
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same (N, K) weight stored column-major (itself if it already is)."""
+    return weight.t().contiguous().t()
 
 
 def fused_weights(model: nn.Module) -> list[torch.Tensor]:
