@@ -70,8 +70,12 @@ def test_skinny_gemm_gives_the_reference_greedy_tokens(tiny_qwen2, prompts, monk
     it for every shape), eager and compiled: the tokens of torch's GEMMs."""
     from branchwise import kernels
     from branchwise.kernels import triton_linear
+    from branchwise.models import fused
     from branchwise.models.fused import fused_weights
 
+    # row-major weights, as on a GPU (the CPU layout probe may pick column-major, which the skinny GEMM
+    # leaves to torch)
+    monkeypatch.setattr(fused, "pick_cpu_layout", lambda weights: False)
     chosen = [prompts[0], prompts[3], prompts[9]]
     want = greedy(LLM(tiny_qwen2, dtype="float32", num_blocks=512), chosen)
     llm = LLM(tiny_qwen2, dtype="float32", num_blocks=512)

@@ -103,7 +103,7 @@ def attend(
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias; at most 16 rows take the skinny Triton GEMM where it was tuned for the shape."""
     config = LINEAR_CONFIGS.get((weight.shape[0], weight.shape[1], weight.dtype)) if LINEAR_CONFIGS else None
-    if config is None:
+    if config is None or not weight.is_contiguous():  # the skinny GEMM reads row-major weights only
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     if rows > SKINNY_MAX_ROWS:
