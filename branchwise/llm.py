@@ -108,7 +108,7 @@ class LLM:
         for update in self._run():
             out = results[update.request_id]
             _merge(out, update)
-            if all(c.finish_reason for c in out.outputs):
+            if update.finish_reason and all(c.finish_reason for c in out.outputs):
                 out.finished = True
                 bar.update(1)
         bar.close()
@@ -134,14 +134,18 @@ def _merge(out: RequestOutput, u: SeqUpdate) -> None:
     c.text += u.text
     c.token_ids += u.token_ids
     if u.logprobs:
-        c.logprobs = (c.logprobs or []) + u.logprobs
+        c.logprobs = c.logprobs or []
+        c.logprobs += u.logprobs
     c.finish_reason = u.finish_reason or c.finish_reason
     c.num_draft_steps, c.num_drafted, c.num_accepted = u.num_draft_steps, u.num_drafted, u.num_accepted
     c.num_forced = u.num_forced
+    if not u.finish_reason:  # the usage is counted once an output ends
+        return
+    error = u.error or out.usage.get("error")  # n > 1: a sibling's error stays
     out.usage = {
         "prompt_tokens": u.num_prompt_tokens,
         "completion_tokens": sum(len(x.token_ids) for x in out.outputs),
         "cached_prompt_tokens": u.num_cached_prompt,
     }
-    if u.error:
-        out.usage["error"] = u.error
+    if error:
+        out.usage["error"] = error

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from tokenizers import SentencePieceBPETokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from branchwise import LLM, SamplingParams
+from branchwise.engine import detokenizer
+from branchwise.engine.sequence import Sequence
 from branchwise.models.fused import FusedAttention, FusedMLP, rope_rows
+from branchwise.train.tokenizer import stdlib_files
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -87,6 +93,45 @@ def test_stop_string_ends_output_without_leaking_it(tiny_llama, prompts):
         ),
     )[0].outputs[0]
     assert kept.text == full.text[: full.text.index(stop) + 3]
+
+
+def _sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-2-style tokenizer (Metaspace: "▁" for spaces, the first one dropped on decoding)."""
+    spm = SentencePieceBPETokenizer()
+    texts = [p.read_text(errors="ignore") for p in stdlib_files(10)]
+    spm.train_from_iterator(texts, vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=spm._tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
+@pytest.mark.parametrize("skip", [True, False])
+def test_text_streamed_in_rust_equals_text_decoded_by_offsets(tokenizer, kind, skip):
+    """tokenizers' DecodeStream gives what decoding by offsets gave, token by token, on text that splits
+    multi-byte characters across tokens and holds special tokens; and both give the whole text."""
+    tok = tokenizer if kind == "byte_level" else _sentencepiece_tokenizer()
+    backend, decode = detokenizer.rust_tokenizer(tok), detokenizer.decoder_for(tok)
+    assert backend is not None
+    rng = random.Random(0)
+    chars = "abc xyz,. 日本語テキスト 🙂👍 éàü ñ\n\t"
+    for _ in range(150):
+        prompt = tok.encode("".join(rng.choices(chars, k=rng.randint(1, 10))), add_special_tokens=False)
+        out = tok.encode("".join(rng.choices(chars, k=rng.randint(5, 40))), add_special_tokens=False)
+        if rng.random() < 0.3:  # a special token between characters
+            more = tok.encode("".join(rng.choices(chars, k=rng.randint(1, 9))), add_special_tokens=False)
+            out += [rng.choice(tok.all_special_ids), *more]
+        texts = []
+        for stream in (backend, None):
+            params = SamplingParams(skip_special_tokens=skip)
+            seq = Sequence(0, "r", 0, list(prompt) or [1], len(prompt) or 1, params, "ar", torch.Generator())
+            detokenizer.init_offsets(seq, stream)
+            text = ""
+            for token in out:
+                seq.token_ids.append(token)
+                text += detokenizer.detokenize_step(decode, seq, stream)
+            texts.append(text)
+        assert texts[0] == texts[1]
+        if kind == "byte_level":  # no leading space to drop: the output decodes alone to the same text
+            assert texts[0] == tok.decode(out, skip_special_tokens=skip)
 
 
 def test_stop_token_ids_and_max_tokens_finish_reasons(tiny_llama, prompts):

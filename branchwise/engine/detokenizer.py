@@ -2,31 +2,57 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
+from tokenizers.decoders import DecodeStream
+
 from branchwise.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 Decode = Callable[[list[int], bool], str]
 
 
-def decoder_for(tokenizer) -> Decode:
-    """`decode(ids, skip_special_tokens)`: the Rust tokenizer's own decode when it gives the same text as
-    the wrapper's (no clean-up of spaces), which skips the wrapper's per-call Python conversions."""
+def rust_tokenizer(tokenizer):
+    """The Rust tokenizer under `tokenizer` when its decode gives the same text as the wrapper's (no
+    clean-up of spaces), else None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return backend
+    return None
+
+
+def decoder_for(tokenizer) -> Decode:
+    """`decode(ids, skip_special_tokens)`: the Rust tokenizer's own where it may (no per-call Python
+    conversions of the wrapper), else the wrapper's."""
+    if (backend := rust_tokenizer(tokenizer)) is not None:
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
     return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 
 
-def init_offsets(seq: Sequence) -> None:
+def init_offsets(seq: Sequence, backend=None) -> None:
+    """Start detokenising `seq`'s output; with a Rust tokenizer, in tokenizers' own incremental decoder
+    (DecodeStream, as vLLM does: one call per token, the state kept in Rust)."""
     # decode the first output tokens with a few prompt tokens before them, so leading spaces survive
     seq.prefix_offset = max(seq.num_prompt_tokens - 5, 0)
     seq.read_offset = seq.num_prompt_tokens
+    if backend is not None:
+        seq.decode_stream = DecodeStream(skip_special_tokens=seq.params.skip_special_tokens)
+        seq.decode_stream.step(backend, seq.token_ids[seq.prefix_offset : seq.read_offset])
 
 
-def detokenize_step(decode: Decode, seq: Sequence) -> str:
-    """Text of the tokens appended since the last call; holds back an incomplete UTF-8 character."""
+def detokenize_step(decode: Decode, seq: Sequence, backend=None) -> str:
+    """Text of the tokens appended since the last call (with a stream: the one appended last); holds back
+    an incomplete UTF-8 character."""
     ids, skip = seq.token_ids, seq.params.skip_special_tokens
+    if seq.decode_stream is not None:
+        try:
+            return seq.decode_stream.step(backend, ids[-1]) or ""
+        except Exception as e:  # e.g. tokenizers' "invalid prefix" (vllm#17448): on with the offsets
+            log.warning("incremental detokenizing failed (%s); decoding by offsets from here", e)
+            seq.decode_stream = None
+            seq.prefix_offset, seq.read_offset = max(len(ids) - 6, 0), len(ids) - 1
     before = decode(ids[seq.prefix_offset : seq.read_offset], skip)
     after = decode(ids[seq.prefix_offset :], skip)
     if len(after) > len(before) and not after.endswith("\ufffd"):

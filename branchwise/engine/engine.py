@@ -103,6 +103,7 @@ class LLMEngine:
         self._load_gauges = [g.labels(self.model_name) for g in (m.running, m.waiting, m.kv_free, m.kv_usage)]
         self._last_load: tuple[int, int, int] | None = None  # what the gauges show
         self.decode = detokenizer.decoder_for(self.tokenizer)
+        self.rust_tokenizer = detokenizer.rust_tokenizer(self.tokenizer)
         self._strategies: dict[str, Strategy] = {}
         self._strategy_lock = threading.Lock()
         self._grammars: Grammars | None = None
@@ -242,7 +243,7 @@ class LLMEngine:
             seq.strategy_params = state
             if params.constraint is not None:
                 seq.matcher = self.grammars().matcher(params.constraint)
-            detokenizer.init_offsets(seq)
+            detokenizer.init_offsets(seq, self.rust_tokenizer)
             seqs.append(seq)
         seqs[0].forks = seqs[1:]  # n > 1: one prefill, then the siblings fork off it
         self._requests[request_id] = seqs
@@ -303,7 +304,10 @@ class LLMEngine:
 
         def lookahead(seq: Sequence) -> int:
             try:
-                return self.strategy(seq.strategy).lookahead(seq) if self._decodes(seq) else 0
+                strategy = self.strategy(seq.strategy)
+                if type(strategy).lookahead is Strategy.lookahead:  # drafts nothing (plain decoding)
+                    return 0
+                return strategy.lookahead(seq) if self._decodes(seq) else 0
             except Exception as e:  # this sequence's strategy failed on it: it alone ends, below
                 broken.append((seq, e))
                 return 0
@@ -355,7 +359,10 @@ class LLMEngine:
         for i, p in enumerate(plans):
             by_strategy[p.seq.strategy].append(i)
         for name, idx in by_strategy.items():
-            strategy, group, view = self.strategy(name), [plans[i] for i in idx], out.of(idx)
+            strategy = self.strategy(name)
+            if type(strategy).on_forward is Strategy.on_forward:  # nothing to do (plain decoding, ...)
+                continue
+            group, view = [plans[i] for i in idx], out.of(idx)
 
             def on_forward(sub: list[int], group=group, view=view, strategy=strategy) -> list[None]:
                 strategy.on_forward([group[j] for j in sub], view.of(sub))
@@ -382,11 +389,13 @@ class LLMEngine:
             def verify(sub: list[int], group=group, view=view, strategy=strategy) -> list[Verdict]:
                 return strategy.verify([group[j] for j in sub], view.of(sub))
 
-            for p, v in zip(group, self._isolated([p.seq for p in group], verify), strict=True):
+            verdicts = self._isolated([p.seq for p in group], verify)
+            now = time.monotonic()  # the group's tokens reached the host (latency metrics)
+            for p, v in zip(group, verdicts, strict=True):
                 if v is None:
                     continue
                 try:
-                    self._commit(p, v, logprob_rows)
+                    self._commit(p, v, logprob_rows, now)
                 except Exception as e:
                     self._fail([p.seq], e)
         # verification read the logits on the host, so these times include the device's work
@@ -474,7 +483,7 @@ class LLMEngine:
             return plans, out
         return plans + born, replace(out, logits_rows=rows, token_rows=token_rows)
 
-    def _commit(self, plan: Plan, verdict: Verdict, logprob_rows: list) -> None:
+    def _commit(self, plan: Plan, verdict: Verdict, logprob_rows: list, now: float) -> None:
         """Keep the accepted K/V (compacting a tree path), append the new tokens, check stops."""
         seq = plan.seq
         if seq.finished:  # ended earlier in this step (a Multiverse path whose request ended)
@@ -490,8 +499,8 @@ class LLMEngine:
         seq.num_computed = plan.start + len(keep)
         if drafted > 0:
             self._count_speculation(seq, drafted, len(verdict.tokens) - 1)
-        now = time.monotonic()
-        if seq.hidden:  # no latency metrics, no logprobs of its own
+        hidden = seq.hidden
+        if hidden:  # no latency metrics, no logprobs of its own
             pass
         elif seq.first_token_time is None:
             seq.first_token_time = now
@@ -503,7 +512,7 @@ class LLMEngine:
         seq.last_token_time = now
         for token, row in zip(verdict.tokens, verdict.logit_rows, strict=True):
             self._append(seq, token)
-            if seq.params.logprobs is not None and not seq.hidden:
+            if seq.params.logprobs is not None and not hidden:
                 logprob_rows.append((seq, token, row))
             if seq.finished or (seq.matcher is not None and not self._consume(seq, token)):
                 break
@@ -513,7 +522,7 @@ class LLMEngine:
             self.strategy(seq.strategy).on_commit(seq)
         # the strategy sees its sampled tokens first (it may pause the sequence); in a hidden sequence,
         # what comes next is the strategy's to decide
-        if seq.matcher is not None and seq.status is Status.RUNNING and not seq.hidden:
+        if seq.matcher is not None and seq.status is Status.RUNNING and not hidden:
             self._jump_forward(seq)
 
     def _cache(self, seq: Sequence) -> None:
@@ -590,20 +599,23 @@ class LLMEngine:
         text = (
             ""
             if stopped and not params.include_stop_str_in_output
-            else detokenizer.detokenize_step(self.decode, seq)
+            else detokenizer.detokenize_step(self.decode, seq, self.rust_tokenizer)
         )
         seq.output_text += text
         if stopped:
             self._finish(seq, "stop")
-        elif (at := detokenizer.find_stop(seq, len(text))) is not None:
+        elif params.stop and (at := detokenizer.find_stop(seq, len(text))) is not None:
             seq.output_text = seq.output_text[:at]
             self._finish(seq, "stop")
-        elif (
-            seq.num_output_tokens >= (params.max_tokens or self.max_model_len)
-            or seq.num_tokens >= self.max_model_len
+        elif (n := len(seq.token_ids)) >= self.max_model_len or n - seq.num_prompt_tokens >= (
+            params.max_tokens or self.max_model_len
         ):
             self._finish(seq, "length")
-        update.text += detokenizer.sendable_text(seq)
+        if params.stop or seq.finished:
+            update.text += detokenizer.sendable_text(seq)
+        elif text:  # nothing held back: every character goes out
+            update.text += text
+            seq.num_text_sent = len(seq.output_text)
 
     def _attach_prompt_logprobs(self, plans: list[Plan], out: ForwardOutput) -> None:
         """prompt_logprobs: each prompt row's score of the prompt token after it."""
@@ -643,16 +655,9 @@ class LLMEngine:
         """This step's update of `seq` (its counts are filled in once, when the step returns)."""
         entry = self._updates.get(seq.seq_id)
         if entry is None:
-            update = SeqUpdate(
-                request_id=seq.request_id,
-                index=seq.index,
-                token_ids=[],
-                text="",
-                logprobs=[],
-                finish_reason=None,
-                num_prompt_tokens=seq.num_prompt_tokens,
-                num_output_tokens=0,
-            )
+            # positional (request_id, index, token_ids, text, logprobs, finish_reason, num_prompt_tokens,
+            # num_output_tokens): made for every sequence at every step, and keywords cost twice as much
+            update = SeqUpdate(seq.request_id, seq.index, [], "", [], None, seq.num_prompt_tokens, 0)
             entry = self._updates[seq.seq_id] = (seq, update)
         return entry[1]
 

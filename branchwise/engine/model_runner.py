@@ -88,10 +88,11 @@ def _pack_decode(plans: list[Plan], block_size: int) -> Packed:
     B = len(plans)
     index = np.arange(B)
     starts = np.fromiter((p.start for p in plans), np.int64, B)
-    if B == 1:
-        tables = np.array([plans[0].seq.block_table], dtype=np.int64)
+    widths = [len(p.seq.block_table) for p in plans]
+    if min(widths) == max(widths):  # one call (sequences that started together grow together)
+        tables = np.array([p.seq.block_table for p in plans], dtype=np.int64)
     else:
-        tables = np.zeros((B, max(len(p.seq.block_table) for p in plans)), dtype=np.int64)
+        tables = np.zeros((B, max(widths)), dtype=np.int64)
         for b, p in enumerate(plans):
             tables[b, : len(p.seq.block_table)] = p.seq.block_table
     offsets = [p.seq.position_offset for p in plans]

@@ -147,6 +147,11 @@ class Scheduler:
             seq = self.running[i]
             room = self.max_model_len - seq.num_computed
             want = min(budget, room, seq.num_pending + lookahead(seq))
+            if self.blocks.has_room(seq, seq.num_computed + want):
+                scheduled.append((seq, want))
+                budget -= want
+                i += 1
+                continue
             while not self.blocks.can_allocate(seq, seq.num_computed + want):
                 if want > seq.num_pending:
                     want = seq.num_pending  # drop the drafts before taking blocks from anyone else

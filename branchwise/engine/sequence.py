@@ -156,6 +156,7 @@ class Sequence:
     num_text_sent: int = 0
     prefix_offset: int = 0
     read_offset: int = 0
+    decode_stream: Any = None  # tokenizers' DecodeStream of the output, where the tokenizer allows one
     # accounting
     logprobs: list[dict] = field(default_factory=list)
     prompt_logprobs: list[dict] = field(default_factory=list)  # of prompt tokens 1.., as they are computed

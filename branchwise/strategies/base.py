@@ -71,7 +71,7 @@ class Strategy:
 
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
         """One Plan per decode-ready sequence, in order; budgets[i] caps how many tokens seqs[i] may feed."""
-        return [Plan(seq=s, tokens=s.token_ids[s.num_computed :]) for s in seqs]
+        return [Plan(s, s.token_ids[s.num_computed :]) for s in seqs]
 
     def verify(self, plans: list[Plan], out: ForwardOutput) -> list[Verdict]:
         """One Verdict per plan: chain verification (accept a prefix of the drafts, then sample one)."""
@@ -102,7 +102,8 @@ def verify_chains(ctx: StrategyContext, plans: list[Plan], out: ForwardOutput) -
     probs = None
     if any(p.draft_probs is not None for p in plans):
         probs = _stack_draft_probs(plans, out.logits.shape[-1], out.logits.device)
-    stop_ids = [ctx.stop_token_ids(s) for s in seqs]
+    # only logits processing reads them (min_tokens)
+    stop_ids = [ctx.stop_token_ids(s) for s in seqs] if any(s.params.processes_logits for s in seqs) else []
     drafts = [p.drafts for p in plans]
     bitmask = None
     if any(s.matcher is not None for s in seqs):
@@ -111,7 +112,10 @@ def verify_chains(ctx: StrategyContext, plans: list[Plan], out: ForwardOutput) -
     verdicts = []
     for p, a, t, r in zip(plans, num_acc, nxt, first, strict=True):
         pending = len(p.tokens) - len(p.drafts)
-        verdicts.append(Verdict(p.drafts[:a] + [t], list(range(r, r + a + 1)), list(range(pending + a))))
+        if not a and pending == 1:  # nothing drafted or nothing accepted: the common verdict, made cheaply
+            verdicts.append(Verdict([t], [r], [0]))
+        else:
+            verdicts.append(Verdict(p.drafts[:a] + [t], list(range(r, r + a + 1)), list(range(pending + a))))
     return verdicts
 
 
