@@ -611,11 +611,7 @@ class LLMEngine:
             params.max_tokens or self.max_model_len
         ):
             self._finish(seq, "length")
-        if params.stop or seq.finished:
-            update.text += detokenizer.sendable_text(seq)
-        elif text:  # nothing held back: every character goes out
-            update.text += text
-            seq.num_text_sent = len(seq.output_text)
+        update.text += detokenizer.sendable_text(seq)
 
     def _attach_prompt_logprobs(self, plans: list[Plan], out: ForwardOutput) -> None:
         """prompt_logprobs: each prompt row's score of the prompt token after it."""

@@ -97,13 +97,6 @@ class BlockManager:
             need += 1  # copy-on-write of a shared, partly filled block
         return need
 
-    def has_room(self, seq: Sequence, num_tokens: int) -> bool:
-        """Slots [num_computed, num_tokens) are already writable by `seq` alone (most decode steps)."""
-        table, first = seq.block_table, seq.num_computed // self.block_size
-        return num_tokens <= len(table) * self.block_size and (
-            first >= len(table) or self.ref_counts[table[first]] == 1
-        )
-
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.blocks_needed(seq, num_tokens)
         if need <= self.num_free:

@@ -147,7 +147,7 @@ class Scheduler:
             seq = self.running[i]
             room = self.max_model_len - seq.num_computed
             want = min(budget, room, seq.num_pending + lookahead(seq))
-            if self.blocks.has_room(seq, seq.num_computed + want):
+            if not self.blocks.blocks_needed(seq, seq.num_computed + want):  # most decode steps
                 scheduled.append((seq, want))
                 budget -= want
                 i += 1
