@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from branchwise import LLM, SamplingParams
-from branchwise.constraints import Constraint, apply_bitmask
+from branchwise.constraints import Constraint, Grammars, apply_bitmask
 
 # strings and numbers are bounded so that even a random model finishes within max_tokens
 SCHEMAS = {
@@ -225,6 +225,42 @@ def test_masks_for_a_draft_follow_the_matcher_through_it(llm):
         llguidance.torch.fill_next_token_bitmask(step, want)
         assert torch.equal(masks[i], want[0])
     assert not torch.equal(masks[0], masks[-1])
+
+
+def test_a_drafters_rows_are_reused_and_only_the_row_after_the_draft_is_computed(llm):
+    """Verification given the rows its drafter computed gets the same masks as computing them all, and the
+    matcher is back where it was; rows given for a draft the grammar does not take are not trusted."""
+    grammars = llm.engine.grammars()
+    constraint = Constraint("regex", r"ab(c|d)")
+    matcher = grammars.matcher(constraint)
+    ids = llm.tokenizer.encode("ab", add_special_tokens=False)
+    full = grammars.masks([matcher], [ids])
+    reused = grammars.masks([matcher], [ids], [full[: len(ids)].clone()])
+    assert torch.equal(reused, full)
+    assert torch.equal(grammars.masks([matcher], [[]])[0], full[0])  # rolled back to the start
+    wrong = llm.tokenizer.encode("zz", add_special_tokens=False)
+    garbage = torch.zeros(len(wrong), full.shape[-1], dtype=torch.int32)
+    masks = grammars.masks([matcher], [wrong], [garbage])
+    assert not torch.equal(masks[0], garbage[0])  # computed, not the given rows
+    assert torch.equal(grammars.masks([matcher], [[]])[0], full[0])
+
+
+def test_each_sequence_gets_its_own_matcher_equal_to_a_fresh_parse(llm):
+    """Matchers are copies of one compiled at the grammar's start: advancing one leaves the others and
+    the next copy at the start, and every copy's masks equal those of the grammar parsed anew."""
+    tokenizer = llm.tokenizer
+    grammars = Grammars(tokenizer, llm.engine.vocab_size, llm.engine.eos_token_ids)
+    constraint = Constraint.json_schema(SCHEMAS["nested"])
+    first, second = grammars.matcher(constraint), grammars.matcher(constraint)
+    fresh = llguidance.LLMatcher(grammars.tokenizer, grammars.compile(constraint)[0])
+    start = grammars.masks([fresh], [[]])
+    ids = tokenizer.encode('{"person":{"name":"ab","age":7},"ok":true}', add_special_tokens=False)
+    for token in ids:
+        assert torch.equal(grammars.masks([first], [[]]), grammars.masks([fresh], [[]]))
+        assert first.consume_token(token) and fresh.consume_token(token)
+    assert first.is_stopped() or first.is_accepting()
+    for m in (second, grammars.matcher(constraint)):
+        assert torch.equal(grammars.masks([m], [[]]), start)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # numpy's path, torch's path

@@ -328,6 +328,23 @@ def test_adaptive_k_threshold_follows_a_batch_that_just_filled_up():
     assert k.stats.plain_goodput() == 0.0 and k.draft_length(_stand_in_seq(), ev, 1000) == 4
 
 
+def test_adaptive_k_threshold_follows_a_batch_that_just_drained():
+    """32 sequences yielded 3,200 tok/s together, 100 each; when one is left, a drafted token must beat
+    what that one yields, not what the 32 did: the straggler drafts at once, not after the smoothed
+    goodput has decayed for many plain steps."""
+    k = speculative.AdaptiveK("t", 8)
+    full = dict(goodput=3200.0, seq_goodput=100.0, per_token=0.0005, fixed=0.0)
+    ev = Acceptance(accepted=5.0, rejected=5.0, step=5)  # about one token in two accepted
+    k.begin_step(StepStats(step=5, running=Counter(t=32), **full))
+    assert k.threshold() == pytest.approx(0.0005 * 3200) and k.draft_length(_stand_in_seq(), ev, 1000) == 0
+    k.begin_step(StepStats(step=6, running=Counter(t=1), **full))
+    assert k.threshold() == pytest.approx(0.0005 * 100)
+    assert k.draft_length(_stand_in_seq(), ev, 1000) == 4  # 0.5^4 > 0.05 > 0.5^5
+    # the sequences waiting for admission count: the batch is about to fill again
+    k.begin_step(StepStats(step=7, running=Counter(t=1), waiting=31, **full))
+    assert k.threshold() == pytest.approx(0.0005 * 3200)
+
+
 def test_adaptive_k_counts_what_its_whole_steps_cost_per_fed_token():
     """Steps of this strategy that grow by 2 ms per fed token (drafting and verifying on the host) set the
     cost of a drafted token, not the target forward's 0.1 ms alone."""

@@ -66,8 +66,12 @@ class Grammars:
         # llguidance's own work limits, without its parser state in error messages (clients see them)
         self.limits = llguidance.LLParserLimits(verbose_errors=False)
         self.executor = llguidance.LLExecutor()
-        # a spec -> (grammar, warnings), or the ValueError it raised: a bad spec sent again costs nothing
-        self._cache: OrderedDict[Constraint, tuple[str, list[str]] | ValueError] = OrderedDict()
+        # a spec -> (grammar, warnings, a matcher at its start), or the ValueError it raised: a bad spec sent
+        # again costs nothing, and a sequence's matcher is a copy (40x cheaper than parsing the grammar
+        # again, and its first masks reuse the lexer states the copy shares)
+        self._cache: OrderedDict[Constraint, tuple[str, list[str], llguidance.LLMatcher] | ValueError] = (
+            OrderedDict()
+        )
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -77,6 +81,15 @@ class Grammars:
         A grammar counts as compiled once its first two masks are computed (llguidance builds its lexer
         lazily, so a grammar past its limits fails there, not before), within `budget_seconds`.
         """
+        return self._compiled(constraint)[:2]
+
+    def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
+        """A new matcher at the start of the constraint's grammar (compiled first if it is not cached)."""
+        start = self._compiled(constraint)[2]
+        with self._lock:
+            return start.deep_copy()
+
+    def _compiled(self, constraint: Constraint) -> tuple[str, list[str], llguidance.LLMatcher]:
         with self._lock:
             found = self._cache.get(constraint)
             if found is not None:
@@ -94,7 +107,7 @@ class Grammars:
             raise found
         return found
 
-    def _compile(self, constraint: Constraint) -> tuple[str, list[str]]:
+    def _compile(self, constraint: Constraint) -> tuple[str, list[str], llguidance.LLMatcher]:
         started = time.perf_counter()
         try:
             grammar = _grammar(constraint)
@@ -107,17 +120,18 @@ class Grammars:
         )
         if is_error:
             raise ValueError(f"invalid {constraint.kind} constraint: {_first_line(messages[0])}")
-        self._probe(constraint, grammar)
+        start = self._probe(constraint, grammar)
         took = time.perf_counter() - started
         if took > self.budget_seconds:
             raise ValueError(
                 f"the {constraint.kind} constraint took {took:.1f} s to compile, more than this server "
                 f"allows ({self.budget_seconds} s, --max-constraint-seconds): simplify it"
             )
-        return grammar, messages
+        return grammar, messages, start
 
-    def _probe(self, constraint: Constraint, grammar: str) -> None:
-        """The first mask, one allowed token consumed, and the mask after it: errors become ValueErrors."""
+    def _probe(self, constraint: Constraint, grammar: str) -> llguidance.LLMatcher:
+        """The first mask, one allowed token consumed, and the mask after it: errors become ValueErrors.
+        Returns the matcher, back at the grammar's start."""
         m = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
         bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
         for _ in range(2):
@@ -133,30 +147,41 @@ class Grammars:
             word = int(words[nonzero[0]])
             token = int(nonzero[0]) * 32 + (word & -word).bit_length() - 1
             if token == self.eos or m.is_stopped():
-                return
+                break
             m.consume_token(token)
-
-    def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
-        grammar, _ = self.compile(constraint)
-        m = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
-        if m.is_error():
-            raise ValueError(f"invalid {constraint.kind} constraint: {_first_line(m.get_error())}")
+        if not m.reset() or m.is_error():  # not expected; a fresh parse is the same start
+            m = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
         return m
 
-    def masks(self, matchers: list[llguidance.LLMatcher], drafts: list[list[int]]) -> torch.Tensor:
+    def masks(
+        self,
+        matchers: list[llguidance.LLMatcher],
+        drafts: list[list[int]],
+        known: list[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
         """(sum of len(draft) + 1, V/32) int32 bitmasks: for each matcher, the mask after each prefix of its
-        draft (the matcher advances through the draft and rolls back; drafts must be valid)."""
+        draft (the matcher advances through the draft and rolls back; drafts must be valid). known[i], if
+        given, holds matcher i's first len(draft) rows already (a drafter computed them): only the last
+        is computed."""
         rows = sum(len(d) + 1 for d in drafts)
         bitmask = llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)
-        plain, drafted, at = [], [], 0
-        for m, d in zip(matchers, drafts, strict=True):
-            if d:
+        plain, drafted, advanced, at = [], [], [], 0
+        for i, (m, d) in enumerate(zip(matchers, drafts, strict=True)):
+            if d and known is not None and known[i] is not None and _advance(m, d):
+                bitmask[at : at + len(d)] = known[i]
+                advanced.append((m, len(d)))
+                plain.append((m, at + len(d)))
+            elif d:
                 drafted.append((m, at, list(d)))
             else:
                 plain.append((m, at))
             at += len(d) + 1
-        if plain:
-            llguidance.torch.fill_next_token_bitmask_par(self.executor, plain, bitmask)
+        try:
+            if plain:
+                llguidance.torch.fill_next_token_bitmask_par(self.executor, plain, bitmask)
+        finally:
+            for m, n in advanced:
+                m.rollback(n)
         if drafted:
             llguidance.torch.fill_next_token_bitmask_par_with_draft_tokens(self.executor, drafted, bitmask)
         return bitmask
@@ -190,6 +215,15 @@ def as_lark(c: Constraint) -> str:
     if c.kind == "choice":
         return " | ".join(json.dumps(o) for o in json.loads(c.value))
     raise ValueError("a Lark grammar constraint does not combine with reasoning or tools; use a JSON schema")
+
+
+def _advance(m: llguidance.LLMatcher, tokens: list[int]) -> bool:
+    """Consume all of `tokens`, or none of them (False)."""
+    n = m.try_consume_tokens(tokens)
+    if n == len(tokens):
+        return True
+    m.rollback(n)
+    return False
 
 
 def _first_line(message: str) -> str:

@@ -298,6 +298,7 @@ class LLMEngine:
         stats.step = self.num_steps + 1
         stats.fixed, stats.per_token = self.step_cost.fit()
         stats.running = Counter(seq.strategy for seq in self.scheduler.running)
+        stats.waiting = len(self.scheduler.waiting)
         for strategy in set(self._strategies.values()):
             strategy.begin_step(stats)
         broken: list[tuple[Sequence, Exception]] = []
@@ -405,6 +406,9 @@ class LLMEngine:
         rate = tokens / max(ended - started, 1e-6)
         stats = self.stats
         stats.goodput = rate if not stats.goodput else 0.9 * stats.goodput + 0.1 * rate
+        if sampled := sum(len(idx) for idx in groups.values()):
+            rate /= sampled
+            stats.seq_goodput = rate if not stats.seq_goodput else 0.9 * stats.seq_goodput + 0.1 * rate
         stats.last_tokens, stats.last_seconds, stats.last_fed = tokens, ended - started, num_fed
         stats.last_prefilled = any(p.num_logits == 0 or len(p.tokens) > 1 + len(p.drafts) for p in plans)
         self._attach_logprobs(out, logprob_rows)

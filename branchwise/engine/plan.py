@@ -24,6 +24,7 @@ class Plan:
     first_block: int = 0  # attend only to K/V from this block of the sequence on (MTP after a cache hit)
     drafts: list[int] = field(default_factory=list)  # drafted chain (the tail of `tokens`)
     draft_probs: torch.Tensor | None = None  # (len(drafts), V) drafter distribution, None if deterministic
+    draft_masks: torch.Tensor | None = None  # (len(drafts), V/32) grammar bitmask rows the drafter used
     payload: Any = None  # strategy-owned (e.g. a tree's retrieve indices)
 
     def __post_init__(self) -> None:

@@ -35,6 +35,7 @@ class StepStats:
 
     step: int = 0
     goodput: float = 0.0  # tokens committed per second of step, smoothed
+    seq_goodput: float = 0.0  # the same per sequence that sampled in the step, smoothed
     per_token: float = 0.0  # seconds one more fed token adds to the target forward (fitted)
     fixed: float = 0.0  # seconds of a target forward whatever it is fed (fitted with per_token)
     last_tokens: int = 0  # tokens the last step committed
@@ -42,6 +43,16 @@ class StepStats:
     last_fed: int = 0  # and how many tokens it fed the target
     last_prefilled: bool = False  # the last step carried prefill chunks (it says little about decoding)
     running: Counter = field(default_factory=Counter)  # running sequences per strategy name
+    waiting: int = 0  # sequences waiting for admission
+
+    def batch_goodput(self) -> float:
+        """Tokens per second the running batch yields: the smoothed goodput, but at most its per-sequence
+        rate times the sequences running now (a drained batch is not judged by the full one before it,
+        whose sequences shared a step's fixed cost) and at least what a plain step of it would yield.
+        Sequences waiting count as running: the scheduler admits what it can."""
+        n = sum(self.running.values()) + self.waiting
+        cap = self.seq_goodput * n if self.seq_goodput else self.goodput
+        return max(min(self.goodput, cap), self.plain_goodput())
 
     def plain_goodput(self) -> float:
         """Tokens per second a step of the running batch would yield with no drafts (from the fit): unlike

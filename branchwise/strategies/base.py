@@ -107,7 +107,7 @@ def verify_chains(ctx: StrategyContext, plans: list[Plan], out: ForwardOutput) -
     drafts = [p.drafts for p in plans]
     bitmask = None
     if any(s.matcher is not None for s in seqs):
-        bitmask = grammar_masks(ctx, [s.matcher for s in seqs], drafts)
+        bitmask = grammar_masks(ctx, [s.matcher for s in seqs], drafts, [p.draft_masks for p in plans])
     num_acc, nxt = sampler.verify_chains(out.logits, seqs, first, drafts, stop_ids, probs, bitmask)
     verdicts = []
     for p, a, t, r in zip(plans, num_acc, nxt, first, strict=True):
@@ -131,14 +131,20 @@ def _stack_draft_probs(plans: list[Plan], vocab: int, device: torch.device) -> t
     return probs
 
 
-def grammar_masks(ctx: StrategyContext, matchers: list, drafts: list[list[int]]) -> torch.Tensor:
+def grammar_masks(
+    ctx: StrategyContext, matchers: list, drafts: list[list[int]], known: list | None = None
+) -> torch.Tensor:
     """(B, K + 1, V/32) int32 bitmasks of the allowed tokens at every verified row of each chain, each with
     the matcher state *of that row*: a matcher (None: unconstrained, all allowed) advances through its
-    chain's drafts, then rolls back."""
+    chain's drafts, then rolls back. known[b]: chain b's drafted rows as its drafter masked them, or None."""
     K = max(len(d) for d in drafts)
     constrained = [b for b, m in enumerate(matchers) if m is not None]
     started = time.perf_counter()
-    rows = ctx.grammars().masks([matchers[b] for b in constrained], [drafts[b] for b in constrained])
+    rows = ctx.grammars().masks(
+        [matchers[b] for b in constrained],
+        [drafts[b] for b in constrained],
+        None if known is None else [known[b] for b in constrained],
+    )
     ctx.metrics.mask_time.labels(ctx.model_name).observe(time.perf_counter() - started)
     bitmask = torch.full((len(matchers), K + 1, rows.shape[-1]), -1, dtype=torch.int32)
     at = 0

@@ -55,6 +55,7 @@ def draft_chains(
     want = [b - s.num_pending for s, b in zip(seqs, budgets, strict=True)]
     drafts: list[list[int]] = [[] for _ in seqs]
     probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+    masks: list[list[torch.Tensor]] = [[] for _ in seqs]  # the grammar's rows, reused by verification
     active = [i for i, k in enumerate(want) if k > 0]
     consumed = [0] * len(seqs)  # drafted tokens each matcher advanced through
     carry: list = [None] * len(seqs)  # what a drafter passes from one depth to the next
@@ -76,7 +77,10 @@ def draft_chains(
             if any(s.params.logit_bias for s in group):  # the bias moves the target: the draft too
                 logits = logits + sampler.logit_bias(group, logits.shape[-1], logits.device)
             if any(s.matcher is not None for s in group):  # draft only what the grammar allows
-                logits = _masked(ctx, logits, group)
+                bitmask = _bitmask(ctx, group)
+                logits = apply_bitmask(logits, bitmask)
+                for j, i in enumerate(idx):
+                    masks[i].append(bitmask[j])
             if all(s.params.greedy for s in group):  # one-hot distributions: their argmax, not built
                 q, tokens = None, sampler.argmax(logits).tolist()
                 confidence = logits.softmax(-1).amax(-1).tolist()
@@ -106,11 +110,12 @@ def draft_chains(
             if n:
                 seq.matcher.rollback(n)
     plans = []
-    for seq, d, q in zip(seqs, drafts, probs, strict=True):
+    for seq, d, q, m in zip(seqs, drafts, probs, masks, strict=True):
         pending = seq.token_ids[seq.num_computed :]
         # a greedy draft is deterministic: the chain rule then needs no q (a point mass)
         q_t = torch.stack(q) if d and not seq.params.greedy else None
-        plans.append(Plan(seq, pending + d, num_logits=len(d) + 1, drafts=d, draft_probs=q_t))
+        m_t = torch.stack(m) if d and seq.matcher is not None else None
+        plans.append(Plan(seq, pending + d, len(d) + 1, drafts=d, draft_probs=q_t, draft_masks=m_t))
     return plans
 
 
@@ -119,12 +124,13 @@ def _evidence(state) -> Acceptance:
     return state if isinstance(state, Acceptance) else Acceptance()
 
 
-def _masked(ctx: StrategyContext, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def _bitmask(ctx: StrategyContext, seqs: list[Sequence]) -> torch.Tensor:
+    """(B, V/32) the grammar's allowed tokens for each sequence now (all for one without a grammar)."""
     constrained = [j for j, s in enumerate(seqs) if s.matcher is not None]
     rows = ctx.grammars().masks([seqs[j].matcher for j in constrained], [[]] * len(constrained))
     bitmask = torch.full((len(seqs), rows.shape[-1]), -1, dtype=torch.int32)
     bitmask[constrained] = rows
-    return apply_bitmask(logits, bitmask)
+    return bitmask
 
 
 @dataclass

@@ -4,12 +4,13 @@ Drafting k tokens pays when the expected number of extra accepted tokens beats w
 With a per-token acceptance rate a, the k-th drafted token is used with probability a^k; feeding it costs
 `per_token` seconds of the target forward (fitted online from the engine's own steps) plus its drafting
 cost (or, if more, what this strategy's whole steps grow by per fed token: host work counted), against a
-step that yields `goodput` tokens per second (the smoothed rate, or what a plain step of the batch now
-running yields by the fitted cost, if more: a batch that just filled up is not judged by the rate of the
-drained one before it). So a sequence drafts every k with a^k > cost * goodput: at batch 1 a step is
-mostly fixed cost and drafting is nearly free; at high load the forward is compute-bound, cost * goodput
-nears 1 and K falls to 0 unless the drafts are almost always right. Nothing here changes outputs:
-verification keeps them lossless.
+step that yields `goodput` tokens per second (the smoothed rate, capped by the smoothed rate per sequence
+times the sequences now running, so that a drained batch is not judged by the full one before it, and
+raised to what a plain step of the batch now running yields by the fitted cost, so that a batch that just
+filled up is not judged by the drained one before it). So a sequence drafts every k with
+a^k > cost * goodput: at batch 1 a step is mostly fixed cost and drafting is nearly free; at high load the
+forward is compute-bound, cost * goodput nears 1 and K falls to 0 unless the drafts are almost always
+right. Nothing here changes outputs: verification keeps them lossless.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class AdaptiveK:
             self.window_plain_steps = self.window_pairs = 0
         self.stats = stats
         # read by every sequence's draft length this step: fitted once here
-        self.goodput = max(stats.goodput, stats.plain_goodput())
+        self.goodput = stats.batch_goodput()
         self.step_slope = self.step_cost.fit()[1]
         self.plain = (stats.step - 1) % PLAIN_EVERY == 0
         self.probe = (stats.step - 1) % PLAIN_EVERY == PLAIN_EVERY // 2
