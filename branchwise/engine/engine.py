@@ -392,11 +392,12 @@ class LLMEngine:
 
             verdicts = self._isolated([p.seq for p in group], verify)
             now = time.monotonic()  # the group's tokens reached the host (latency metrics)
+            on_commit = None if type(strategy).on_commit is Strategy.on_commit else strategy.on_commit
             for p, v in zip(group, verdicts, strict=True):
                 if v is None:
                     continue
                 try:
-                    self._commit(p, v, logprob_rows, now)
+                    self._commit(p, v, logprob_rows, now, on_commit)
                 except Exception as e:
                     self._fail([p.seq], e)
         # verification read the logits on the host, so these times include the device's work
@@ -487,8 +488,11 @@ class LLMEngine:
             return plans, out
         return plans + born, replace(out, logits_rows=rows, token_rows=token_rows)
 
-    def _commit(self, plan: Plan, verdict: Verdict, logprob_rows: list, now: float) -> None:
-        """Keep the accepted K/V (compacting a tree path), append the new tokens, check stops."""
+    def _commit(
+        self, plan: Plan, verdict: Verdict, logprob_rows: list, now: float, on_commit: Callable | None
+    ) -> None:
+        """Keep the accepted K/V (compacting a tree path), append the new tokens, check stops; then the
+        strategy's `on_commit` (None: the base class's no-op)."""
         seq = plan.seq
         if seq.finished:  # ended earlier in this step (a Multiverse path whose request ended)
             return
@@ -523,7 +527,8 @@ class LLMEngine:
         if not seq.finished:
             self.blocks.truncate(seq, seq.num_computed)
             self._cache(seq)
-            self.strategy(seq.strategy).on_commit(seq)
+            if on_commit is not None:
+                on_commit(seq)
         # the strategy sees its sampled tokens first (it may pause the sequence); in a hidden sequence,
         # what comes next is the strategy's to decide
         if seq.matcher is not None and seq.status is Status.RUNNING and not hidden:

@@ -202,7 +202,7 @@ class Sequence:
         return self.root or self
 
 
-@dataclass
+@dataclass(slots=True)  # one per sequence and step
 class SeqUpdate:
     """What one step added to one sequence: the unit the engine streams out."""
 
