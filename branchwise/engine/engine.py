@@ -28,7 +28,7 @@ from branchwise.engine.prefix_cache import PrefixCache
 from branchwise.engine.sampler import logprobs_of
 from branchwise.engine.scheduler import Scheduler, family_of
 from branchwise.engine.sequence import InvalidRequest, SamplingParams, Sequence, SeqUpdate, Status
-from branchwise.engine.stats import CostModel, StepStats
+from branchwise.engine.stats import CostModel, StepStats, smoothed
 from branchwise.models import demo
 from branchwise.models.loader import kv_shape, load_model, load_tokenizer, resolve_device, resolve_dtype
 from branchwise.strategies import Resources, Strategy, registry, strategy_class
@@ -406,10 +406,9 @@ class LLMEngine:
         tokens = sum(len(u.token_ids) for _, u in self._updates.values())
         rate = tokens / max(ended - started, 1e-6)
         stats = self.stats
-        stats.goodput = rate if not stats.goodput else 0.9 * stats.goodput + 0.1 * rate
+        stats.goodput = smoothed(stats.goodput, rate)
         if sampled := sum(len(idx) for idx in groups.values()):
-            rate /= sampled
-            stats.seq_goodput = rate if not stats.seq_goodput else 0.9 * stats.seq_goodput + 0.1 * rate
+            stats.seq_goodput = smoothed(stats.seq_goodput, rate / sampled)
         stats.last_tokens, stats.last_seconds, stats.last_fed = tokens, ended - started, num_fed
         stats.last_prefilled = any(p.num_logits == 0 or len(p.tokens) > 1 + len(p.drafts) for p in plans)
         self._attach_logprobs(out, logprob_rows)

@@ -6,6 +6,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
+def smoothed(old: float, new: float) -> float:
+    """An exponentially weighted average (0.9 of the old value); the first sample is taken as it is."""
+    return new if not old else 0.9 * old + 0.1 * new
+
+
 class CostModel:
     """seconds ~= fixed + per_token * tokens, fitted online by exponentially weighted least squares."""
 
@@ -47,7 +52,7 @@ class StepStats:
 
     def batch_goodput(self) -> float:
         """Tokens per second the running batch yields: the smoothed goodput, but at most its per-sequence
-        rate times the sequences running now (a drained batch is not judged by the full one before it,
+        rate times the sequences running or waiting (a drained batch is not judged by the full one before it,
         whose sequences shared a step's fixed cost) and at least what a plain step of it would yield.
         Sequences waiting count as running: the scheduler admits what it can."""
         n = sum(self.running.values()) + self.waiting

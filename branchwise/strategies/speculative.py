@@ -5,7 +5,7 @@ With a per-token acceptance rate a, the k-th drafted token is used with probabil
 `per_token` seconds of the target forward (fitted online from the engine's own steps) plus its drafting
 cost (or, if more, what this strategy's whole steps grow by per fed token: host work counted), against a
 step that yields `goodput` tokens per second (the smoothed rate, capped by the smoothed rate per sequence
-times the sequences now running, so that a drained batch is not judged by the full one before it, and
+times the sequences running or waiting, so that a drained batch is not judged by the full one before it, and
 raised to what a plain step of the batch now running yields by the fitted cost, so that a batch that just
 filled up is not judged by the drained one before it). So a sequence drafts every k with
 a^k > cost * goodput: at batch 1 a step is mostly fixed cost and drafting is nearly free; at high load the
