@@ -6,8 +6,8 @@ One process, one run: builds a random-weight model with the shape of a real chec
 depend on the weights' values), then measures, each as the median of --repeats runs:
 - the device's memory bandwidth (a large device-to-device copy, bytes read + written) and the model's bytes,
   whose ratio bounds batch-1 decode: every weight is read once per token;
-- batch-1 decode tokens/s of branchwise, of `generate` (eager, dynamic cache) and of `generate` with a
-  static cache and torch.compile (mode reduce-overhead);
+- batch-1 decode tokens/s of branchwise (also with async scheduling, rounds interleaved), of `generate`
+  (eager, dynamic cache) and of `generate` with a static cache and torch.compile (mode reduce-overhead);
 - aggregate tokens/s of branchwise at several batch sizes;
 - the attention kernels against torch SDPA on the same data (decode over a long context; a causal prefill).
 Writes gpu_decode-<device>.json and .png into --out.
@@ -249,6 +249,20 @@ def main() -> None:
         result["step_ms_batch1"] = 1e3 / rates["branchwise"]
         print(f"graph replay {replay_ms:.3f} ms vs step {1e3 / rates['branchwise']:.3f} ms", flush=True)
     print(f"branchwise batch-1: {rates['branchwise']:.1f} tok/s (bound {bw / nbytes:.1f})", flush=True)
+    # async scheduling against synchronous steps on the same engine, rounds interleaved
+    sync_runs, async_runs = [], []
+    for _ in range(args.repeats):
+        for flag, runs in ((False, sync_runs), (True, async_runs)):
+            llm.engine.config.async_scheduling = flag
+            runs.append(median_rate(lambda: ours(1, args.tokens), 1))
+    llm.engine.config.async_scheduling = False
+    rates["branchwise_sync_interleaved"] = statistics.median(sync_runs)
+    rates["branchwise_async_scheduling"] = statistics.median(async_runs)
+    print(
+        f"async scheduling batch-1: {rates['branchwise_async_scheduling']:.1f} tok/s "
+        f"vs {rates['branchwise_sync_interleaved']:.1f} synchronous",
+        flush=True,
+    )
     result["aggregate_tokens_per_s"] = {}
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         result["aggregate_tokens_per_s"][str(b)] = median_rate(lambda b=b: ours(b, 128), args.repeats)

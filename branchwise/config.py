@@ -95,6 +95,12 @@ class EngineConfig(BaseModel):
         "the engine starts the other ranks itself",
     )
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
+    async_scheduling: bool = Field(
+        False,
+        description="launch step n+1 before step n's tokens are read back, so the host's work overlaps the "
+        "device's (vLLM's --async-scheduling); plain decoding of unconstrained requests without logprobs "
+        "or logits processing, the rest steps as usual",
+    )
     prefix_cache: bool = Field(True, description="share the KV blocks of common prompt prefixes")
 
     speculative_config: dict | None = Field(
@@ -159,6 +165,12 @@ class EngineConfig(BaseModel):
 
         strategy_class(name)  # ValueError naming the choices, before any weights load
         return name
+
+    @model_validator(mode="after")
+    def _async_on_one_rank(self) -> EngineConfig:
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling is not supported with tensor_parallel_size > 1")
+        return self
 
 
 class ServerConfig(EngineConfig):

@@ -44,7 +44,23 @@ def test_decode_steps_replay_captured_graphs(tiny_llama, prompts):
     graphs = llm.engine.runner.graphs
     replayed = []
     replay = graphs.replay
-    graphs.replay = lambda packed: (lambda h: replayed.append(h is not None) or h)(replay(packed))
+    graphs.replay = lambda packed, fill=None: (lambda h: replayed.append(h is not None) or h)(
+        replay(packed, fill)
+    )
     llm.generate(prompts[:4], PARAMS)
     assert sum(replayed) >= 31  # every decode step after the prefill ran from a graph
     assert torch.cuda.is_available() and len(graphs.graphs) == len(graphs.buckets)
+
+
+def test_async_scheduling_on_cuda_graphs_gives_the_tokens_of_synchronous_stepping(tiny_llama, prompts):
+    from test_async_scheduling import run
+
+    requests = [
+        (p, SamplingParams(temperature=0.8 * (i % 2), seed=i, max_tokens=32 + i, ignore_eos=True), "ar")
+        for i, p in enumerate(prompts)
+    ]
+    sync = LLM(tiny_llama, dtype="float32", num_blocks=2048)
+    pipelined = LLM(tiny_llama, dtype="float32", num_blocks=2048, async_scheduling=True)
+    assert pipelined.engine.runner.graphs is not None
+    assert run(pipelined, requests, {3: 7}) == run(sync, requests, {3: 7})
+    assert pipelined.engine.num_deferred > 0

@@ -36,7 +36,7 @@ def test_graph_buffers_pad_and_replay_any_decode_mix(tiny_llama, prompts, monkey
     runner.graphs = CudaGraphs(runner, max_tokens=8, max_blocks_per_seq=64, capture=False)
     used = []
     replay = runner.graphs.replay
-    runner.graphs.replay = lambda packed: used.append(len(packed.ids)) or replay(packed)
+    runner.graphs.replay = lambda packed, fill=None: used.append(len(packed.ids)) or replay(packed, fill)
     assert greedy(llm, chosen) == want
     assert 3 in used  # decode steps of 3 sequences ran padded to the 4-token bucket
 

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoConfig
@@ -25,7 +25,7 @@ from branchwise.engine.metrics import EngineMetrics
 from branchwise.engine.model_runner import ModelRunner
 from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.prefix_cache import PrefixCache
-from branchwise.engine.sampler import logprobs_of
+from branchwise.engine.sampler import logprobs_of, next_tokens
 from branchwise.engine.scheduler import Scheduler, family_of
 from branchwise.engine.sequence import InvalidRequest, SamplingParams, Sequence, SeqUpdate, Status
 from branchwise.engine.stats import CostModel, StepStats, smoothed
@@ -34,6 +34,24 @@ from branchwise.models.loader import kv_shape, load_model, load_tokenizer, resol
 from branchwise.strategies import Resources, Strategy, registry, strategy_class
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class InFlight:
+    """Async scheduling: plans whose sampled tokens are still on the device when the next step launches.
+    Until they are read, each such sequence ends with a placeholder token -(1 + i) for tokens[i]."""
+
+    plans: list[Plan]
+    tokens: torch.Tensor  # (B,) on the device: what the next forward reads in place of the placeholders
+    host: torch.Tensor  # (B,) their copy on the host, complete once `ready` has fired
+    ready: torch.cuda.Event | None  # None on CPU: the copy is already done
+
+    def read(self) -> list[int]:
+        """The tokens on the host (waits for this step's device work only, not the next step's)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
 
 CPU_KV_CACHE_BYTES = 2 << 30
 MAX_FORCED_PENDING = 64  # at most this many pending tokens after the prompt still go to the strategy
@@ -122,6 +140,9 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._updates: dict[int, tuple[Sequence, SeqUpdate]] = {}  # this step's, by sequence id
         self._num_generated = 0  # tokens appended this step (the counter is told once a step)
+        self._in_flight: InFlight | None = None  # async scheduling: the previous step's unread tokens
+        self._launched: InFlight | None = None  # this step's, in flight once the step returns
+        self.num_deferred = 0  # tokens read back a step after they were sampled (async scheduling)
         self.num_steps = 0
         self._observe_load()  # the KV gauges read right before the first step
 
@@ -275,6 +296,7 @@ class LLMEngine:
             for seq in seqs:
                 if not seq.finished:
                     self._finish(seq, "error", error)
+        self._in_flight = self._launched = None
         return self._step_updates()
 
     def _drain_inbox(self) -> None:
@@ -320,13 +342,21 @@ class LLMEngine:
             seq = self.scheduler.hopeless.pop()
             self._finish(seq, "error", "the parallel paths need more KV blocks than the whole cache holds")
         scheduled = [(seq, n) for seq, n in scheduled if not seq.finished]
+        previous, self._in_flight = self._in_flight, None
         if scheduled:
             self.num_steps += 1
-            self._run(scheduled)
+            self._run(scheduled, previous)
+        else:
+            self._resolve(previous)
         self._observe_load()
-        return self._step_updates()
+        updates = self._step_updates()
+        if self._launched is not None:
+            self._in_flight, self._launched = self._park(self._launched), None
+        return updates
 
-    def _run(self, scheduled: list[tuple[Sequence, int]]) -> None:
+    def _run(self, scheduled: list[tuple[Sequence, int]], previous: InFlight | None) -> None:
+        """Propose, one forward, verify and commit; with async scheduling, the previous step's tokens are
+        read and committed once this step's forward (which feeds them) is launched."""
         started = time.perf_counter()
         decode: dict[str, list[tuple[Sequence, int]]] = defaultdict(list)
         plans: list[Plan] = []
@@ -346,14 +376,18 @@ class LLMEngine:
             plans += [p for p in proposed if p is not None]
         plans = [p for p in plans if not p.seq.finished]
         if not plans:
+            self._resolve(previous)
             return
         forward_started = time.perf_counter()
         num_fed = sum(len(p.tokens) for p in plans)
         try:
-            out = self.runner.forward(plans)
+            out = self.runner.forward(plans, None if previous is None else previous.tokens)
         except Exception as e:
             self._fail([p.seq for p in plans], e)
+            self._resolve(previous)
             return
+        deferred = self._launch(plans, out) if self.config.async_scheduling else set()
+        self._resolve(previous)  # the device is busy with this step meanwhile
         self._attach_prompt_logprobs(plans, out)
         plans, out = self._fork_siblings(plans, out)
         by_strategy: dict[str, list[int]] = defaultdict(list)
@@ -372,7 +406,7 @@ class LLMEngine:
             self._isolated([p.seq for p in group], on_forward)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(plans):
-            if p.seq.finished:
+            if p.seq.finished or i in deferred:
                 continue
             if p.num_logits > p.prompt_rows:
                 groups[p.seq.strategy].append(i)
@@ -407,7 +441,7 @@ class LLMEngine:
         rate = tokens / max(ended - started, 1e-6)
         stats = self.stats
         stats.goodput = smoothed(stats.goodput, rate)
-        if sampled := sum(len(idx) for idx in groups.values()):
+        if sampled := sum(len(idx) for idx in groups.values()) + len(deferred):
             stats.seq_goodput = smoothed(stats.seq_goodput, rate / sampled)
         stats.last_tokens, stats.last_seconds, stats.last_fed = tokens, ended - started, num_fed
         stats.last_prefilled = any(p.num_logits == 0 or len(p.tokens) > 1 + len(p.drafts) for p in plans)
@@ -507,16 +541,8 @@ class LLMEngine:
         if drafted > 0:
             self._count_speculation(seq, drafted, len(verdict.tokens) - 1)
         hidden = seq.hidden
-        if hidden:  # no latency metrics, no logprobs of its own
-            pass
-        elif seq.first_token_time is None:
-            seq.first_token_time = now
-            self.metrics.ttft.labels(self.model_name).observe(now - seq.arrival_time)
-            if seq.index == 0:
-                self.metrics.prompt_tokens.labels(self.model_name).inc(seq.num_prompt_tokens)
-        else:
-            self._itl.observe(now - seq.last_token_time)
-        seq.last_token_time = now
+        if not hidden:  # no latency metrics, no logprobs of its own
+            self._observe_latency(seq, now)
         for token, row in zip(verdict.tokens, verdict.logit_rows, strict=True):
             self._append(seq, token)
             if seq.params.logprobs is not None and not hidden:
@@ -532,6 +558,82 @@ class LLMEngine:
         # what comes next is the strategy's to decide
         if seq.matcher is not None and seq.status is Status.RUNNING and not hidden:
             self._jump_forward(seq)
+
+    def _observe_latency(self, seq: Sequence, now: float) -> None:
+        """Time to first token, or between tokens: `seq`'s new tokens reached the host at `now`."""
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.metrics.ttft.labels(self.model_name).observe(now - seq.arrival_time)
+            if seq.index == 0:
+                self.metrics.prompt_tokens.labels(self.model_name).inc(seq.num_prompt_tokens)
+        else:
+            self._itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+
+    # -- async scheduling -------------------------------------------------------------------------
+    def _defers(self, p: Plan) -> bool:
+        """Its token may stay on the device until the next step is launched: plain decoding of one
+        unconstrained token (no drafts, logits processing or logprobs) that cannot end it by length."""
+        seq, params = p.seq, p.seq.params
+        return (
+            len(p.tokens) == p.num_logits == 1
+            and not p.prompt_rows
+            and p.start == seq.num_tokens - 1
+            and type(self.strategy(seq.strategy)) is Strategy
+            and seq.matcher is None
+            and not seq.hidden
+            and params.logprobs is None
+            and not params.processes_logits
+            and seq.num_tokens + 1 < self.max_model_len
+            and seq.num_output_tokens + 1 < (params.max_tokens or self.max_model_len)
+        )
+
+    def _launch(self, plans: list[Plan], out: ForwardOutput) -> set[int]:
+        """Sample the deferrable plans' tokens on the device and start copying them to the host; returns
+        their indices (verification skips them). If sampling them fails, they are verified as usual."""
+        idx = [i for i, p in enumerate(plans) if self._defers(p)]
+        if not idx:
+            return set()
+        try:
+            tokens = next_tokens(out.logits, [plans[i].seq for i in idx], [out.logits_rows[i] for i in idx])
+        except Exception:
+            log.exception("sampling on the device failed; verifying these %d plan(s) as usual", len(idx))
+            return set()
+        host, ready = tokens, None
+        if tokens.device.type == "cuda":
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self._launched = InFlight([plans[i] for i in idx], tokens, host, ready)
+        return set(idx)
+
+    def _park(self, flight: InFlight) -> InFlight:
+        """The launched plans' sequences go on as if their tokens were known: K/V of the fed token counted,
+        a placeholder appended (the next forward reads the token on the device)."""
+        for i, p in enumerate(flight.plans):
+            if not p.seq.finished:
+                p.seq.num_computed = p.start + 1
+                p.seq.token_ids.append(-1 - i)
+        return flight
+
+    def _resolve(self, flight: InFlight | None) -> None:
+        """Read an earlier step's deferred tokens and commit them in place of their placeholders: stop
+        checks, detokenizing, the prefix cache (a sequence that ended since keeps nothing)."""
+        if flight is None:
+            return
+        tokens = flight.read()
+        now = time.monotonic()
+        self.num_deferred += len(tokens)
+        for p, token in zip(flight.plans, tokens, strict=True):
+            seq = p.seq
+            if seq.finished:
+                continue
+            seq.token_ids.pop()
+            self._observe_latency(seq, now)
+            self._append(seq, token)
+            if not seq.finished:
+                self._cache(seq)
 
     def _cache(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed full blocks to the prefix cache."""
@@ -689,6 +791,8 @@ class LLMEngine:
         if seq.hidden:  # a hidden sequence cannot end its request alone: the request ends with it
             self._finish(seq.top, reason, error)
             return
+        if seq.token_ids and seq.token_ids[-1] < 0:  # ended before its deferred token was read: dropped
+            seq.token_ids.pop()
         try:
             self.strategy(seq.strategy).on_finish(seq)
         except Exception:  # the sequence ends all the same, its blocks come back below

@@ -24,6 +24,9 @@ GRAPH_MAX_QUERY = 16  # a step is decode-shaped when no sequence feeds more toke
 GRAPH_MASK_SLOTS = 64  # custom-mask entries per token the graph buffers hold
 
 
+Fill = tuple[torch.Tensor, torch.Tensor]  # (rows of the packed ids, token ids on the device) to write there
+
+
 @dataclass
 class Packed:
     """A step's ragged batch on the host, before it reaches the device."""
@@ -182,15 +185,27 @@ class ModelRunner:
             input_ids=ids[None], position_ids=meta.positions[None], use_cache=False, branchwise_step=step
         ).last_hidden_state[0]
 
-    def decode(self, packed: Packed) -> torch.Tensor:
+    def decode(self, packed: Packed, fill: Fill | None = None) -> torch.Tensor:
         """(T, H) hidden states of a packed batch: a captured graph where one fits, else eager."""
-        hidden_all = self.graphs.replay(packed) if self.graphs is not None else None
-        return self.run_decoder(*self.metadata(packed)) if hidden_all is None else hidden_all
+        hidden_all = self.graphs.replay(packed, fill) if self.graphs is not None else None
+        if hidden_all is not None:
+            return hidden_all
+        ids, meta = self.metadata(packed)
+        if fill is not None:
+            ids[fill[0]] = fill[1]
+        return self.run_decoder(ids, meta)
 
     @torch.inference_mode()
-    def forward(self, plans: list[Plan]) -> ForwardOutput:
+    def forward(self, plans: list[Plan], placed: torch.Tensor | None = None) -> ForwardOutput:
+        """One forward over the plans. A negative token -(1 + i) is a placeholder (async scheduling): the
+        forward reads it from placed[i], a token the previous step sampled that is still on the device."""
         packed = self.pack(plans)
-        hidden_all = self.decode(packed)
+        fill = None
+        if placed is not None and (at := np.flatnonzero(packed.ids < 0)).size:
+            source = torch.from_numpy(-1 - packed.ids[at]).to(placed.device, non_blocking=True)
+            fill = (torch.from_numpy(at).to(self.device, non_blocking=True), placed[source])
+            packed.ids[at] = 0
+        hidden_all = self.decode(packed, fill)
         if len(packed.logit_idx) == len(packed.ids):  # every row (decode steps): no gather
             hidden = hidden_all
         else:
@@ -267,6 +282,7 @@ class CudaGraphs:
             self.host = self.host.pin_memory()
         self.host_np = self.host.numpy()
         self.dev = torch.zeros_like(self.host, device=dev)
+        self.copied = torch.cuda.Event() if dev.type == "cuda" else None
         views = [self.dev[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
         self.ids, self.positions, self.slots, self.token_seqs, self.query_start, self.seq_lens = views[:6]
         self.mask_offsets, self.block_tables = views[6], views[7].view(T + 1, W)
@@ -312,6 +328,8 @@ class CudaGraphs:
 
     def _stage(self, packed: Packed | None, bucket: int) -> None:
         """Write the step (or nothing) + padding into the host buffer and copy it to the device at once."""
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copy has left the pinned buffer
         h, o = self.host_np, self.offsets
         n, B = (0, 0) if packed is None else (len(packed.ids), len(packed.seq_lens))
         ids, pos, slots, seqs, qstart, lens, moff, tables = (h[o[i] : o[i + 1]] for i in range(8))
@@ -334,11 +352,11 @@ class CudaGraphs:
         ids[n:bucket], pos[n:bucket], slots[n:bucket], seqs[n:bucket] = 0, 0, -1, B
         qstart[B + 1], lens[B], moff[B] = bucket, 0, -1  # the padding's dummy sequence: length 0
         end = int(o[7]) + (B + 1) * self.width
-        # the pinned buffer is rewritten only after the step's logits reached the host (a sync), so the
-        # previous asynchronous copy has finished by then
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        if self.copied is not None:  # the next step may stage before this one's logits are read (async)
+            self.copied.record()
 
-    def replay(self, packed: Packed) -> torch.Tensor | None:
+    def replay(self, packed: Packed, fill: Fill | None = None) -> torch.Tensor | None:
         """Hidden states (T, H) from a captured graph, or None if this step is not decode-shaped."""
         n = len(packed.ids)
         bucket = next((b for b in self.buckets if b >= n), None)
@@ -351,6 +369,8 @@ class CudaGraphs:
         ):
             return None
         self._stage(packed, bucket)
+        if fill is not None:  # after the staging copy, in stream order
+            self.ids[fill[0]] = fill[1].to(self.ids.dtype)
         if not self.capture:
             return self.forward(self.ids[:bucket], self.metas[bucket])[:n]
         graph, hidden = self.graphs[bucket]

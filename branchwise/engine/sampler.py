@@ -123,6 +123,16 @@ def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx[:, 0].clamp(max=probs.shape[-1] - 1)
 
 
+def next_tokens(logits: torch.Tensor, seqs: Seq[Sequence], rows: Seq[int]) -> torch.Tensor:
+    """(B,) the token each sequence samples from its row, left on the device (async scheduling): rows
+    without drafts, logits processing or a grammar; the same numbers `verify_chains` draws for them."""
+    x = logits[torch.tensor(list(rows), device=logits.device)]
+    if all(s.params.greedy for s in seqs):
+        return x.argmax(-1)
+    p = target_probs(x[:, None], seqs)[:, 0]
+    return sample_from(p, _uniforms(seqs, [0] * len(seqs), 1).to(logits.device)[:, 0])
+
+
 def verify_chains(
     logits: torch.Tensor,
     seqs: Seq[Sequence],

@@ -175,7 +175,8 @@ class ShardedRunner(ModelRunner):
         super().__init__(model, pool, block_size, device)
         self.ranks = ranks
 
-    def decode(self, packed: Packed) -> torch.Tensor:
+    def decode(self, packed: Packed, fill=None) -> torch.Tensor:
+        assert fill is None, "async scheduling is not supported with tensor parallelism (refused at start)"
         self.ranks.send("decode", packed)
         return super().decode(packed)
 

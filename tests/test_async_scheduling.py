@@ -1,0 +1,140 @@
+"""Async scheduling: step n+1 is launched before step n's tokens are read, and lands on the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from branchwise import LLM, SamplingParams
+from branchwise.config import EngineConfig
+from branchwise.constraints import Constraint
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+def run(llm: LLM, requests: list[tuple], abort_after: dict[int, int] | None = None) -> dict:
+    """Each request's (token ids, text, finish reason, output tokens counted) from stepping the engine by
+    hand; a request in `abort_after` is aborted once the client has seen that many of its tokens."""
+    engine, abort_after = llm.engine, dict(abort_after or {})
+    for i, (prompt, params, strategy) in enumerate(requests):
+        engine.add_request(str(i), prompt, params, strategy)
+    tokens: dict[tuple[str, int], list[int]] = {}
+    texts: dict[tuple[str, int], str] = {}
+    reasons: dict[tuple[str, int], str] = {}
+    counts: dict[tuple[str, int], int] = {}
+    while engine.has_unfinished():
+        for u in engine.step():
+            key = (u.request_id, u.index)
+            tokens.setdefault(key, []).extend(u.token_ids)
+            texts[key] = texts.get(key, "") + u.text
+            if u.finish_reason:
+                reasons[key], counts[key] = u.finish_reason, u.num_output_tokens  # the client's usage
+            seen = abort_after.get(int(u.request_id))
+            if seen is not None and len(tokens[key]) >= seen and not u.finish_reason:
+                engine.abort_request(u.request_id)
+                del abort_after[int(u.request_id)]
+    outputs = {k: (tokens[k], texts[k], reasons[k], counts[k]) for k in sorted(tokens)}
+    assert all(len(t) == n for t, _, _, n in outputs.values())
+    return outputs
+
+
+def both(path: str, **config) -> tuple[LLM, LLM]:
+    return LLM(path, **config), LLM(path, async_scheduling=True, **config)
+
+
+def assert_all_blocks_back(llm: LLM) -> None:
+    engine = llm.engine
+    assert engine.blocks.num_available == engine.num_blocks
+    assert engine._in_flight is None and not engine._requests
+
+
+def test_async_scheduling_gives_the_tokens_of_synchronous_stepping(spec_target, prompts):
+    sync, pipelined = both(spec_target, max_num_batched_tokens=64)
+    full = sync.generate(prompts[4], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    stop = full[0].outputs[0].text[10:13]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    requests = [
+        (prompts[0], greedy, "ar"),
+        (
+            prompts[1],
+            SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=30, ignore_eos=True),
+            "ar",
+        ),
+        (prompts[4], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]), "ar"),
+        (prompts[3], SamplingParams(temperature=0, max_tokens=1), "ar"),  # ends at its first token
+        (prompts[5], SamplingParams(n=3, temperature=0.8, seed=3, max_tokens=17, ignore_eos=True), "ar"),
+        (
+            prompts[6],
+            SamplingParams(temperature=0, max_tokens=40, constraint=Constraint.json_schema(SCHEMA)),
+            "ar",
+        ),
+        (prompts[7], SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True), "ar"),
+        (
+            prompts[8],
+            SamplingParams(temperature=0, max_tokens=20, presence_penalty=1.0, ignore_eos=True),
+            "ar",
+        ),
+        (
+            prompts[9],
+            SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[full[0].outputs[0].token_ids[5]]),
+            "ar",
+        ),
+        (prompts[10], greedy, "draft"),
+        (prompts[11], greedy, "ngram"),
+        # speculative strategies stay synchronous; greedy only: a sampled speculative output depends on how
+        # many tokens the (timing-driven) controller drafted, in any mode
+        (prompts[12], SamplingParams(temperature=0, max_tokens=25), "draft"),
+    ]
+    want = run(sync, requests)
+    got = run(pipelined, requests)
+    assert got == want
+    assert want[("2", 0)][2] == "stop" and stop not in want[("2", 0)][1]
+    assert want[("3", 0)][2] == "length" and len(want[("3", 0)][0]) == 1
+    assert pipelined.engine.num_deferred > 0 and sync.engine.num_deferred == 0
+    for llm in (sync, pipelined):
+        assert_all_blocks_back(llm)
+
+
+def test_async_scheduling_under_preemption_keeps_every_output(tiny_llama, prompts):
+    # 24 blocks of 8 slots: room for about two of these sequences at once
+    sync, pipelined = both(tiny_llama, num_blocks=24, block_size=8, max_num_batched_tokens=64)
+    requests = [
+        (p, SamplingParams(temperature=0.7 * (i % 2), seed=i, max_tokens=40, ignore_eos=True), "ar")
+        for i, p in enumerate(prompts[:8])
+    ]
+    in_flight = []  # whether each preempted sequence's last token was still on the device
+    preempt = pipelined.engine.scheduler.on_preempt
+    pipelined.engine.scheduler.on_preempt = lambda seq: (
+        in_flight.append(seq.token_ids[-1] < 0) or preempt(seq)
+    )
+    want, got = run(sync, requests), run(pipelined, requests)
+    assert got == want
+    assert any(in_flight) and pipelined.engine.num_deferred > 0
+    for llm in (sync, pipelined):
+        assert_all_blocks_back(llm)
+
+
+def test_async_scheduling_aborts_land_on_the_tokens_the_client_saw(tiny_llama, prompts):
+    sync, pipelined = both(tiny_llama, max_num_batched_tokens=32)
+    requests = [
+        (p, SamplingParams(n=1 + i % 2, temperature=1.0, seed=i, max_tokens=30, ignore_eos=True), "ar")
+        for i, p in enumerate(prompts[:10])
+    ]
+    abort_after = {0: 1, 2: 5, 4: 9, 6: 2, 8: 13}
+    want = run(sync, requests, abort_after)
+    got = run(pipelined, requests, abort_after)
+    assert got == want
+    assert {want[(str(i), 0)][2] for i in abort_after} == {"abort"}
+    assert [len(want[(str(i), 0)][0]) for i in abort_after] == list(abort_after.values())
+    assert pipelined.engine.num_deferred > 0
+    for llm in (sync, pipelined):
+        assert_all_blocks_back(llm)
+
+
+def test_async_scheduling_is_refused_with_tensor_parallelism():
+    with pytest.raises(ValidationError, match="async_scheduling"):
+        EngineConfig(async_scheduling=True, tensor_parallel_size=2)
