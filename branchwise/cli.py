@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     offline.add_argument(
         "--strategies",
         default="ar,draft,ngram,suffix,mtp,medusa,multiverse",
-        help="comma-separated; those the model lacks weights for are skipped",
+        help="comma-separated; those the model lacks weights for are skipped; `ar-async` is `ar` with "
+        "async scheduling",
     )
     offline.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
     offline.add_argument(

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from branchwise import LLM, SamplingParams
 from branchwise.config import EngineConfig
 from branchwise.constraints import Constraint
+from branchwise.engine import detokenizer
 
 SCHEMA = {
     "type": "object",
@@ -54,9 +55,9 @@ def assert_all_blocks_back(llm: LLM) -> None:
 
 def test_async_scheduling_gives_the_tokens_of_synchronous_stepping(spec_target, prompts):
     sync, pipelined = both(spec_target, max_num_batched_tokens=64)
-    full = sync.generate(prompts[4], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-    stop = full[0].outputs[0].text[10:13]
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full, other = sync.generate([prompts[4], prompts[9]], greedy)
+    stop = full.outputs[0].text[10:13]
     requests = [
         (prompts[0], greedy, "ar"),
         (
@@ -80,7 +81,7 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_stepping(spec_target, 
         ),
         (
             prompts[9],
-            SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[full[0].outputs[0].token_ids[5]]),
+            SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[other.outputs[0].token_ids[5]]),
             "ar",
         ),
         (prompts[10], greedy, "draft"),
@@ -94,6 +95,7 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_stepping(spec_target, 
     assert got == want
     assert want[("2", 0)][2] == "stop" and stop not in want[("2", 0)][1]
     assert want[("3", 0)][2] == "length" and len(want[("3", 0)][0]) == 1
+    assert want[("8", 0)][2] == "stop" and len(want[("8", 0)][0]) <= 6  # on its stop token id
     assert pipelined.engine.num_deferred > 0 and sync.engine.num_deferred == 0
     for llm in (sync, pipelined):
         assert_all_blocks_back(llm)
@@ -130,6 +132,41 @@ def test_async_scheduling_aborts_land_on_the_tokens_the_client_saw(tiny_llama, p
     assert got == want
     assert {want[(str(i), 0)][2] for i in abort_after} == {"abort"}
     assert [len(want[(str(i), 0)][0]) for i in abort_after] == list(abort_after.values())
+    assert pipelined.engine.num_deferred > 0
+    for llm in (sync, pipelined):
+        assert_all_blocks_back(llm)
+
+
+def test_async_scheduling_drops_the_token_launched_after_a_stop_and_holds_nothing_after(tiny_llama, prompts):
+    sync, pipelined = both(tiny_llama)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    stop = sync.generate(prompts[4], greedy)[0].outputs[0].text[12:15]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])
+    want = sync.generate(prompts[4], params)[0].outputs[0]
+    got = pipelined.generate(prompts[4], params)[0].outputs[0]
+    assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, "stop")
+    # every token after the first (sampled at the prefill) was deferred; the one launched after the stop
+    # was dropped, not counted, and nothing stays in flight
+    assert pipelined.engine.num_deferred == len(got.token_ids) - 1
+    assert_all_blocks_back(pipelined)
+
+
+def test_async_scheduling_fails_a_request_alone_when_its_deferred_token_cannot_be_committed(
+    tiny_llama, prompts, monkeypatch
+):
+    step = detokenizer.detokenize_step
+
+    def poisoned(decode, seq, tokenizer):
+        if seq.request_id == "1" and seq.num_output_tokens >= 4:
+            raise RuntimeError("poisoned detokenizer")
+        return step(decode, seq, tokenizer)
+
+    monkeypatch.setattr(detokenizer, "detokenize_step", poisoned)
+    sync, pipelined = both(tiny_llama)
+    requests = [(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), "ar") for p in prompts[:3]]
+    want, got = run(sync, requests), run(pipelined, requests)
+    assert got == want
+    assert [want[(str(i), 0)][2] for i in range(3)] == ["length", "error", "length"]
     assert pipelined.engine.num_deferred > 0
     for llm in (sync, pipelined):
         assert_all_blocks_back(llm)

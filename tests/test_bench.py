@@ -20,7 +20,7 @@ def test_offline_bench_reports_every_figure_with_its_spread(tiny_llama, tmp_path
     out = tmp_path / "offline.json"
     result = bench_offline(
         tiny_llama,
-        ("ar", "ngram", "draft"),
+        ("ar", "ar-async", "ngram", "draft"),
         (1, 3),
         "extraction",
         8,
@@ -31,7 +31,9 @@ def test_offline_bench_reports_every_figure_with_its_spread(tiny_llama, tmp_path
     )
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 1000
-    assert {r["strategy"] for r in saved["rows"]} == {"ar", "ngram"}  # no draft model: skipped, said so
+    # no draft model: skipped, said so; `ar-async` is `ar` with async scheduling, on for its rows only
+    assert {r["strategy"] for r in saved["rows"]} == {"ar", "ar-async", "ngram"}
+    assert not saved["config"]["async_scheduling"]
     assert {(r["batch"], r["constrained"]) for r in saved["rows"]} == {
         (1, False),
         (1, True),
@@ -45,9 +47,10 @@ def test_offline_bench_reports_every_figure_with_its_spread(tiny_llama, tmp_path
         assert spread["min"] <= r["tokens_per_s"] == spread["p50"] <= spread["max"]
         assert r["latency_s"]["p99"] >= r["latency_s"]["p50"] > 0 and 0 < r["ttft_s"]["p50"]
         assert r["speedup_vs_ar"] > 0 and r["speedup_vs_generate"] > 0
-        assert r["same_tokens_as_ar"]  # lossless: ngram's tokens are ar's
+        assert r["same_tokens_as_ar"]  # lossless: ngram's tokens are ar's, and so are ar-async's
         if r["constrained"]:
             assert r["forced_tokens"] > 0
+        assert (r["deferred_tokens"] > 0) == (r["strategy"] == "ar-async" and not r["constrained"])
     assert {"hf_generate", "hf_prompt_lookup"} <= set(saved["baselines"])
     assert all(b["tokens_per_s"] > 0 for b in saved["baselines"].values())
     table = format_table(result)

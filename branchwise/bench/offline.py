@@ -30,6 +30,7 @@ from branchwise.bench.datasets import load_records
 from branchwise.constraints import Constraint
 
 SEQUENTIAL = 4  # prompts run one at a time at batch 1, by us and by the transformers baselines
+ASYNC_AR = {"ar-async": "ar"}  # a row: `ar` with async scheduling, beside `ar` in the same run
 
 
 def prompts_of(llm: LLM, records: list[dict]) -> list[list[int]]:
@@ -46,7 +47,7 @@ def run_batch(
     group; each request is timed from its group's start."""
     engine = llm.engine
     batch = batch or len(prompts)
-    steps, wall = engine.num_steps, 0.0
+    steps, deferred, wall = engine.num_steps, engine.num_deferred, 0.0
     first, done, tokens, last, order = {}, {}, {}, {}, []
     for at in range(0, len(prompts), batch):
         start = time.perf_counter()
@@ -76,6 +77,7 @@ def run_batch(
         "wall_s": wall,
         "engine_steps": engine.num_steps - steps,
         "tokens_per_step": out / max(engine.num_steps - steps, 1),
+        "deferred_tokens": engine.num_deferred - deferred,  # read back a step later (async scheduling)
         "latency_s": percentiles(list(done.values()), (50, 99)),
         "ttft_s": percentiles(list(first.values()), (50, 99)),
         "mean_accepted_length": 1 + accepted / drafts if drafts else None,
@@ -160,8 +162,13 @@ def bench_offline(
             schema = records[i].get("schema") if constrained else None
             c = Constraint.json_schema(schema) if schema else None
             params.append(SamplingParams(temperature=0, max_tokens=max_tokens, constraint=c))
-        engine.strategy(strategy).reset_cache()  # every run starts cold: rounds repeat the same prompts
-        return run_batch(llm, [prompts[i] for i in picked], params, strategy, batch)
+        name = ASYNC_AR.get(strategy, strategy)
+        engine.strategy(name).reset_cache()  # every run starts cold: rounds repeat the same prompts
+        engine.config.async_scheduling = strategy in ASYNC_AR
+        try:
+            return run_batch(llm, [prompts[i] for i in picked], params, name, batch)
+        finally:
+            engine.config.async_scheduling = False
 
     hf = None
     if baselines:
@@ -255,7 +262,7 @@ def tree_acceptance(engine) -> dict[str, dict[str, list[float]]]:
 
 def _available(llm: LLM, strategy: str) -> bool:
     try:
-        llm.engine.strategy(strategy)
+        llm.engine.strategy(ASYNC_AR.get(strategy, strategy))
         return True
     except ValueError as e:  # e.g. no draft model, or a model without the Multiverse tags
         print(f"skipping {strategy}: {e}")

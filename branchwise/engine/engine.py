@@ -608,14 +608,16 @@ class LLMEngine:
         self._launched = InFlight([plans[i] for i in idx], tokens, host, ready)
         return set(idx)
 
-    def _park(self, flight: InFlight) -> InFlight:
+    def _park(self, flight: InFlight) -> InFlight | None:
         """The launched plans' sequences go on as if their tokens were known: K/V of the fed token counted,
-        a placeholder appended (the next forward reads the token on the device)."""
+        a placeholder appended (the next forward reads the token on the device). None if all ended."""
+        parked = False
         for i, p in enumerate(flight.plans):
             if not p.seq.finished:
                 p.seq.num_computed = p.start + 1
                 p.seq.token_ids.append(-1 - i)
-        return flight
+                parked = True
+        return flight if parked else None
 
     def _resolve(self, flight: InFlight | None) -> None:
         """Read an earlier step's deferred tokens and commit them in place of their placeholders: stop
@@ -624,16 +626,19 @@ class LLMEngine:
             return
         tokens = flight.read()
         now = time.monotonic()
-        self.num_deferred += len(tokens)
         for p, token in zip(flight.plans, tokens, strict=True):
             seq = p.seq
             if seq.finished:
                 continue
             seq.token_ids.pop()
-            self._observe_latency(seq, now)
-            self._append(seq, token)
-            if not seq.finished:
-                self._cache(seq)
+            self.num_deferred += 1
+            try:  # as in `_commit`: a failure here ends this sequence only
+                self._observe_latency(seq, now)
+                self._append(seq, token)
+                if not seq.finished:
+                    self._cache(seq)
+            except Exception as e:
+                self._fail([seq], e)
 
     def _cache(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed full blocks to the prefix cache."""

@@ -29,8 +29,17 @@ def argmax(x: torch.Tensor) -> np.ndarray:
     return x.argmax(-1).cpu().numpy()
 
 
+def to_device_async(
+    values: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Small host data on the device without a host-device sync (`torch.tensor(..., device=cuda)` waits
+    for the stream): staged in pinned memory and copied asynchronously."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _param(seqs: Seq[Sequence], name: str, device: torch.device) -> torch.Tensor:
-    return torch.tensor([getattr(s.params, name) for s in seqs], dtype=torch.float32, device=device)
+    return to_device_async([getattr(s.params, name) for s in seqs], device, torch.float32)
 
 
 def logit_bias(seqs: Seq[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
@@ -85,10 +94,10 @@ def target_probs(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     """(B, P, V) processed logits -> the distribution each row samples from (one-hot argmax if greedy)."""
     B, P, V = logits.shape
     device = logits.device
-    greedy = torch.tensor([s.params.greedy for s in seqs], device=device).view(B, 1, 1)
-    temp = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device).view(B, 1, 1)
+    greedy = to_device_async([s.params.greedy for s in seqs], device).view(B, 1, 1)
+    temp = to_device_async([s.params.temperature or 1.0 for s in seqs], device).view(B, 1, 1)
     x = logits.float() / temp  # float32: 1/T reaches 1e5, past float16's range
-    top_k = torch.tensor([s.params.top_k or V for s in seqs], device=device).view(B, 1, 1)
+    top_k = to_device_async([s.params.top_k or V for s in seqs], device).view(B, 1, 1)
     top_p = _param(seqs, "top_p", device).view(B, 1, 1)
     if any(s.params.top_k or s.params.top_p < 1 for s in seqs if not s.params.greedy):
         sorted_x, order = x.sort(-1, descending=True)
@@ -98,8 +107,8 @@ def target_probs(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         drop[..., 0] = False
         x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
     probs = x.softmax(-1)
-    min_p = _param(seqs, "min_p", device).view(B, 1, 1)
-    if (min_p > 0).any():
+    if any(s.params.min_p > 0 for s in seqs):  # decided on the host: no read of the device
+        min_p = _param(seqs, "min_p", device).view(B, 1, 1)
         probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
@@ -126,11 +135,11 @@ def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def next_tokens(logits: torch.Tensor, seqs: Seq[Sequence], rows: Seq[int]) -> torch.Tensor:
     """(B,) the token each sequence samples from its row, left on the device (async scheduling): rows
     without drafts, logits processing or a grammar; the same numbers `verify_chains` draws for them."""
-    x = logits[torch.tensor(list(rows), device=logits.device)]
+    x = logits[to_device_async(list(rows), logits.device)]
     if all(s.params.greedy for s in seqs):
         return x.argmax(-1)
     p = target_probs(x[:, None], seqs)[:, 0]
-    return sample_from(p, _uniforms(seqs, [0] * len(seqs), 1).to(logits.device)[:, 0])
+    return sample_from(p, to_device_async(_uniforms(seqs, [0] * len(seqs), 1)[:, 0], logits.device))
 
 
 def verify_chains(
