@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -234,7 +235,8 @@ def fused_forward(
     h = embed.weight.index_select(0, input_ids) if type(embed) is nn.Embedding else embed(input_ids)
     cos, sin = rope_rows(decoder.rotary_emb, h, positions)  # once for every layer
     hidden = h.shape[-1]
-    for i, layer in enumerate(decoder.layers[: decoder.config.num_hidden_layers]):
+    # islice: slicing a ModuleList builds a new one, every forward
+    for i, layer in enumerate(islice(decoder.layers, decoder.config.num_hidden_layers)):
         for k, j in enumerate(aux_layers):  # a layer may be named twice
             if j == i:
                 aux[: h.shape[0], k * hidden : (k + 1) * hidden].copy_(h)
