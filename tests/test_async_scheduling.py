@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import openai
 import pytest
 from pydantic import ValidationError
+from test_server import running_server, wait_until_free
 
 from branchwise import LLM, SamplingParams
 from branchwise.config import EngineConfig
@@ -170,6 +174,51 @@ def test_async_scheduling_fails_a_request_alone_when_its_deferred_token_cannot_b
     assert pipelined.engine.num_deferred > 0
     for llm in (sync, pipelined):
         assert_all_blocks_back(llm)
+
+
+def test_async_scheduling_server_streams_the_synchronous_text_and_frees_every_block(tiny_llama):
+    prompts = [f"def function_{i}(x, y):" for i in range(16)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    offline = LLM(tiny_llama)
+    full = [o.outputs[0].text for o in offline.generate(prompts, greedy)]
+    stops = [t[8:11] if i % 3 == 0 else None for i, t in enumerate(full)]  # a third end on a stop string
+    expected = [
+        o.outputs[0].text
+        for o in offline.generate(
+            prompts,
+            [
+                SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[s] if s else [])
+                for s in stops
+            ],
+        )
+    ]
+
+    async def one(client: openai.AsyncOpenAI, model: str, i: int) -> str | None:
+        extra = {"ignore_eos": True} | ({"stop": [stops[i]]} if stops[i] else {})
+        stream = await client.completions.create(
+            model=model, prompt=prompts[i], stream=True, temperature=0, max_tokens=24, extra_body=extra
+        )
+        text, chunks = "", 0
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            chunks += 1
+            if i % 4 == 1 and chunks == 3:
+                await stream.close()  # the client goes away mid-stream
+                return None
+        return text
+
+    async def main(base_url: str) -> list[str | None]:
+        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+        model = (await client.models.list()).data[0].id
+        return await asyncio.gather(*(one(client, model, i) for i in range(16)))
+
+    with running_server(model=tiny_llama, max_num_seqs=16, async_scheduling=True) as (base_url, app):
+        results = asyncio.run(main(base_url))
+        wait_until_free(base_url)
+        assert app.state.engine.num_deferred > 0
+    kept = [i for i in range(16) if i % 4 != 1]
+    assert [results[i] for i in kept] == [expected[i] for i in kept]
+    assert any(s and s not in t and t != f for s, t, f in zip(stops, expected, full, strict=True))
 
 
 def test_async_scheduling_is_refused_with_tensor_parallelism():
