@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import openai
 import pytest
@@ -112,6 +113,11 @@ def test_async_scheduling_under_preemption_keeps_every_output(tiny_llama, prompt
         (p, SamplingParams(temperature=0.7 * (i % 2), seed=i, max_tokens=40, ignore_eos=True), "ar")
         for i, p in enumerate(prompts[:8])
     ]
+    texts = run(LLM(tiny_llama, num_blocks=24, block_size=8, max_num_batched_tokens=64), requests)
+    for i in (0, 3, 5):  # these end on a stop string, found in a deferred token (maybe while preempted)
+        stop = texts[(str(i), 0)][1][40:44]
+        params = replace(requests[i][1], stop=[stop])
+        requests[i] = (requests[i][0], params, "ar")
     in_flight = []  # whether each preempted sequence's last token was still on the device
     preempt = pipelined.engine.scheduler.on_preempt
     pipelined.engine.scheduler.on_preempt = lambda seq: (
@@ -119,9 +125,40 @@ def test_async_scheduling_under_preemption_keeps_every_output(tiny_llama, prompt
     )
     want, got = run(sync, requests), run(pipelined, requests)
     assert got == want
+    assert [want[(str(i), 0)][2] for i in (0, 3, 5)] == ["stop"] * 3
     assert any(in_flight) and pipelined.engine.num_deferred > 0
     for llm in (sync, pipelined):
         assert_all_blocks_back(llm)
+
+
+def test_a_sequence_preempted_with_its_stop_token_on_the_device_recomputes_and_ends_there(
+    tiny_llama, prompts
+):
+    sync, pipelined = both(tiny_llama)
+    full = sync.generate(prompts[4], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    stop_id = full[0].outputs[0].token_ids[6]
+    params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id])
+    want = sync.generate(prompts[4], params)[0].outputs[0]
+    engine = pipelined.engine
+    forward, refilled = engine.runner.forward, []  # prefill chunks that feed a token still on the device
+    engine.runner.forward = lambda plans, placed=None: (
+        refilled.extend(len(p.tokens) for p in plans if len(p.tokens) > 1 and p.tokens[-1] < 0)
+        or forward(plans, placed)
+    )
+    engine.add_request("r", prompts[4], params)
+    (seq,) = engine._requests["r"]
+    tokens, reasons, preempted = [], [], False
+    while engine.has_unfinished():
+        for u in engine.step():
+            tokens += u.token_ids
+            reasons.append(u.finish_reason)
+        if not preempted and seq.token_ids[-1] < 0 and seq.num_output_tokens == len(want.token_ids):
+            engine.scheduler._preempt(seq)  # its stop token is still on the device
+            preempted = True
+    # re-admitted at once with its cached prompt blocks: the recompute's chunk ends with the placeholder
+    assert preempted and refilled
+    assert (tokens, reasons[-1]) == (want.token_ids, want.finish_reason) and want.finish_reason == "stop"
+    assert_all_blocks_back(pipelined)
 
 
 def test_async_scheduling_aborts_land_on_the_tokens_the_client_saw(tiny_llama, prompts):
