@@ -8,7 +8,7 @@ from dataclasses import replace
 import openai
 import pytest
 from pydantic import ValidationError
-from test_server import running_server, wait_until_free
+from test_server import read_stream, running_server, wait_until_free
 
 from branchwise import LLM, SamplingParams
 from branchwise.config import EngineConfig
@@ -235,14 +235,7 @@ def test_async_scheduling_server_streams_the_synchronous_text_and_frees_every_bl
         stream = await client.completions.create(
             model=model, prompt=prompts[i], stream=True, temperature=0, max_tokens=24, extra_body=extra
         )
-        text, chunks = "", 0
-        async for chunk in stream:
-            text += chunk.choices[0].text
-            chunks += 1
-            if i % 4 == 1 and chunks == 3:
-                await stream.close()  # the client goes away mid-stream
-                return None
-        return text
+        return await read_stream(stream, 3 if i % 4 == 1 else None)
 
     async def main(base_url: str) -> list[str | None]:
         client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)

@@ -70,6 +70,18 @@ def metric(base_url: str, name: str) -> float:
     return sum(v for k, v in metrics(base_url).items() if k.startswith(name + "["))
 
 
+async def read_stream(stream, close_after: int | None = None) -> str | None:
+    """A streamed completion's text; None if the client went away after `close_after` chunks."""
+    text, chunks = "", 0
+    async for chunk in stream:
+        text += chunk.choices[0].text
+        chunks += 1
+        if chunks == close_after:
+            await stream.close()  # the client goes away mid-stream
+            return None
+    return text
+
+
 def wait_until_free(base_url: str, timeout: float = 10.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -188,14 +200,7 @@ def test_64_streams_with_a_quarter_disconnecting_free_every_block(server, offlin
             max_tokens=24,
             extra_body={"ignore_eos": True},
         )
-        text, chunks = "", 0
-        async for chunk in stream:
-            text += chunk.choices[0].text
-            chunks += 1
-            if i % 4 == 0 and chunks == 3:
-                await stream.close()  # the client goes away mid-stream
-                return None
-        return text
+        return await read_stream(stream, 3 if i % 4 == 0 else None)
 
     async def main() -> list[str | None]:
         client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)

@@ -26,37 +26,29 @@ def test_triton_attention_gives_the_reference_greedy_tokens(tiny_qwen2, prompts,
     assert greedy(llm, chosen) == want
 
 
-def test_graph_buffers_pad_and_replay_any_decode_mix(tiny_llama, prompts, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_graph_buffers_pad_and_replay_any_decode_mix(tiny_llama, prompts, monkeypatch, async_scheduling):
     chosen = [prompts[2], prompts[4], prompts[6]]
     monkeypatch.setenv("BRANCHWISE_ATTENTION", "reference")
     want = greedy(LLM(tiny_llama, dtype="float32", num_blocks=512), chosen)
     monkeypatch.setenv("BRANCHWISE_ATTENTION", "triton")
     llm = LLM(tiny_llama, dtype="float32", block_size=8, enforce_eager=True, num_blocks=512)
+    llm.engine.config.async_scheduling = async_scheduling
     runner = llm.engine.runner
     runner.graphs = CudaGraphs(runner, max_tokens=8, max_blocks_per_seq=64, capture=False)
-    used = []
+    used, filled = [], []
     replay = runner.graphs.replay
-    runner.graphs.replay = lambda packed, fill=None: used.append(len(packed.ids)) or replay(packed, fill)
+
+    def recorded(packed, fill=None):
+        used.append(len(packed.ids))
+        filled.append(0 if fill is None else len(fill[0]))
+        return replay(packed, fill)
+
+    runner.graphs.replay = recorded
     assert greedy(llm, chosen) == want
     assert 3 in used  # decode steps of 3 sequences ran padded to the 4-token bucket
-
-
-def test_graph_replay_fills_async_placeholders_with_the_sampled_tokens(tiny_llama, prompts, monkeypatch):
-    chosen = [prompts[2], prompts[4], prompts[6]]
-    monkeypatch.setenv("BRANCHWISE_ATTENTION", "reference")
-    want = greedy(LLM(tiny_llama, dtype="float32", num_blocks=512), chosen)
-    monkeypatch.setenv("BRANCHWISE_ATTENTION", "triton")
-    llm = LLM(tiny_llama, dtype="float32", block_size=8, enforce_eager=True, num_blocks=512)
-    llm.engine.config.async_scheduling = True
-    runner = llm.engine.runner
-    runner.graphs = CudaGraphs(runner, max_tokens=8, max_blocks_per_seq=64, capture=False)
-    filled = []
-    replay = runner.graphs.replay
-    runner.graphs.replay = lambda packed, fill=None: (
-        filled.append(0 if fill is None else len(fill[0])) or replay(packed, fill)
-    )
-    assert greedy(llm, chosen) == want
-    assert 3 in filled  # decode steps whose 3 input tokens were still on the device, written after staging
+    # async: their 3 input tokens were still on the device, written into the buffers after staging
+    assert (3 in filled) == async_scheduling
 
 
 def test_graph_replay_writes_only_real_slots_and_matches_eager(tiny_llama, prompts, monkeypatch):
