@@ -10,7 +10,6 @@ import torch
 
 from branchwise import kernels
 from branchwise.engine.plan import ForwardOutput, Plan
-from branchwise.engine.sampler import to_device_async
 from branchwise.kernels import LINEAR_CONFIGS, backend
 from branchwise.kernels.metadata import AttentionMetadata, build_metadata
 from branchwise.models.attention import StepContext
@@ -203,8 +202,8 @@ class ModelRunner:
         packed = self.pack(plans)
         fill = None
         if placed is not None and (at := np.flatnonzero(packed.ids < 0)).size:
-            source = to_device_async(torch.from_numpy(-1 - packed.ids[at]), placed.device)
-            fill = (to_device_async(torch.from_numpy(at), self.device), placed[source])
+            source = torch.from_numpy(-1 - packed.ids[at]).to(placed.device, non_blocking=True)
+            fill = (torch.from_numpy(at).to(self.device, non_blocking=True), placed[source])
             packed.ids[at] = 0
         hidden_all = self.decode(packed, fill)
         if len(packed.logit_idx) == len(packed.ids):  # every row (decode steps): no gather

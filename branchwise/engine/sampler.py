@@ -29,17 +29,14 @@ def argmax(x: torch.Tensor) -> np.ndarray:
     return x.argmax(-1).cpu().numpy()
 
 
-def to_device_async(
-    values: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """Small host data on the device without a host-device sync (`torch.tensor(..., device=cuda)` waits
-    for the stream): staged in pinned memory and copied asynchronously."""
-    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+def _on_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list on the device without waiting for the stream (`torch.tensor(..., device=cuda)`
+    syncs; a non-blocking copy from pageable memory is staged and returns)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _param(seqs: Seq[Sequence], name: str, device: torch.device) -> torch.Tensor:
-    return to_device_async([getattr(s.params, name) for s in seqs], device, torch.float32)
+    return _on_device([getattr(s.params, name) for s in seqs], device, torch.float32)
 
 
 def logit_bias(seqs: Seq[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
@@ -94,10 +91,10 @@ def target_probs(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     """(B, P, V) processed logits -> the distribution each row samples from (one-hot argmax if greedy)."""
     B, P, V = logits.shape
     device = logits.device
-    greedy = to_device_async([s.params.greedy for s in seqs], device).view(B, 1, 1)
-    temp = to_device_async([s.params.temperature or 1.0 for s in seqs], device).view(B, 1, 1)
+    greedy = _on_device([s.params.greedy for s in seqs], device).view(B, 1, 1)
+    temp = _on_device([s.params.temperature or 1.0 for s in seqs], device).view(B, 1, 1)
     x = logits.float() / temp  # float32: 1/T reaches 1e5, past float16's range
-    top_k = to_device_async([s.params.top_k or V for s in seqs], device).view(B, 1, 1)
+    top_k = _on_device([s.params.top_k or V for s in seqs], device).view(B, 1, 1)
     top_p = _param(seqs, "top_p", device).view(B, 1, 1)
     if any(s.params.top_k or s.params.top_p < 1 for s in seqs if not s.params.greedy):
         sorted_x, order = x.sort(-1, descending=True)
@@ -135,11 +132,11 @@ def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def next_tokens(logits: torch.Tensor, seqs: Seq[Sequence], rows: Seq[int]) -> torch.Tensor:
     """(B,) the token each sequence samples from its row, left on the device (async scheduling): rows
     without drafts, logits processing or a grammar; the same numbers `verify_chains` draws for them."""
-    x = logits[to_device_async(list(rows), logits.device)]
+    x = logits[_on_device(list(rows), logits.device)]
     if all(s.params.greedy for s in seqs):
         return x.argmax(-1)
     p = target_probs(x[:, None], seqs)[:, 0]
-    return sample_from(p, to_device_async(_uniforms(seqs, [0] * len(seqs), 1)[:, 0], logits.device))
+    return sample_from(p, _uniforms(seqs, [0] * len(seqs), 1)[:, 0].to(logits.device, non_blocking=True))
 
 
 def verify_chains(
