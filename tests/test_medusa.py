@@ -238,3 +238,72 @@ def test_training_with_init_continues_from_the_given_heads(tmp_path, spec_target
         load_file(str(out / "medusa_lm_head.safetensors")),
     )
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tree_after_a_forced_run_is_fed_as_a_trunk_then_the_tree():
+    from branchwise.engine.sequence import Sequence
+    from branchwise.strategies.tree import path_verdict, tree_plan
+
+    seq = Sequence(0, "r", 0, [5, 6, 7, 8, 9], 2, GREEDY, "medusa", torch.Generator(), num_computed=2)
+    tree = build_tree(((0,), (1,), (0, 0)))  # root, two children, a grandchild under the first
+    plan = tree_plan(seq, [20, 21, 22], tree)
+    assert plan.tokens == [7, 8, 9, 20, 21, 22] and plan.num_logits == 4
+    assert plan.positions == [2, 3, 4, 5, 5, 6]  # the trunk, the root (9), then the tree by depth
+    expected = [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 1, 0],
+        [1, 1, 1, 1, 0, 1],
+    ]
+    assert plan.mask.int().tolist() == expected
+    verdict = path_verdict(plan, 10, (1, 3), 30)  # the grandchild's path accepted, then 30
+    assert verdict.tokens == [20, 22, 30] and verdict.logit_rows == [10, 11, 13]
+    assert verdict.kv_keep == [0, 1, 2, 3, 5]  # the trunk, the root and the path, in sequence order
+
+
+def test_forced_runs_go_on_with_the_heads_they_left_instead_of_a_plain_step(monkeypatch):
+    """A grammar's forced run after the sampled token used to be fed alone in a plain step; now the tree
+    follows it (head f + d at depth d). Greedy output stays the autoregressive one, with fewer steps."""
+    from branchwise.bench.datasets import load_records
+    from branchwise.constraints import Constraint
+    from branchwise.strategies.medusa import MedusaStrategy
+
+    llm = LLM("demo")
+    records = load_records("extraction")[:12]
+    prompts = [llm.chat_prompt(r["messages"]) for r in records]
+    params = [
+        SamplingParams(temperature=0, max_tokens=96, constraint=Constraint.json_schema(r["schema"]))
+        for r in records
+    ]
+    choices = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
+    trunks = []
+    propose = MedusaStrategy.propose
+
+    def recorded(self, seqs, budgets):
+        plans = propose(self, seqs, budgets)
+        trunks.extend(len(p.tokens) - p.num_logits for p in plans if p.payload is not None)
+        return plans
+
+    monkeypatch.setattr(MedusaStrategy, "propose", recorded)
+    ar = outputs(llm, prompts, params, "ar")
+    results = {}
+    for past_pending in (False, True):
+        monkeypatch.setattr(MedusaStrategy, "drafts_past_pending", past_pending)
+        trunks.clear()
+        steps = llm.engine.num_steps
+        got = [
+            outputs(llm, [x], [y], "medusa", choices=choices)[0] for x, y in zip(prompts, params, strict=True)
+        ]
+        assert [o.token_ids for o in got] == [o.token_ids for o in ar]
+        assert all(json.loads(o.text) is not None for o in got)
+        results[past_pending] = (llm.engine.num_steps - steps, max(trunks, default=0))
+    assert sum(o.num_forced for o in ar) > 0
+    (before, no_trunk), (after, trunk) = results[False], results[True]
+    assert no_trunk == 0 and trunk > 0
+    assert after < before, results
+    sampled = SamplingParams(temperature=0.7, seed=3, max_tokens=96, constraint=params[0].constraint)
+    out = outputs(llm, prompts[:4], [sampled] * 4, "medusa", choices=choices)
+    assert all(json.loads(o.text) is not None for o in out)
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks

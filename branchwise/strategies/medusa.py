@@ -6,7 +6,9 @@ after it. A tree is a list of Medusa "choices": (r1, ..., rd) is the node that t
 candidate, then head 2's r2-th, ...; it sits at position start + d and sees the prefix, the pending token
 and its ancestors only. The longest path whose tokens the target itself would have chosen is accepted,
 its K/V is compacted into the sequence's slots (`Verdict.kv_keep`) and the rest is rolled back; the hidden
-state of the last accepted row feeds the heads at the next step (no extra forward).
+state of the last accepted row feeds the heads at the next step (no extra forward). When a grammar forced
+f tokens after the pending one, the tree goes after them (fed as its trunk) and head f + d guesses its
+depth d: the heads the forced run left still draft, where a plain step would have fed the run alone.
 
 Greedy requests are lossless. Sampled requests use the authors' typical acceptance (a node is accepted when
 the target gives it more than min(posterior_threshold, posterior_alpha * exp(-entropy)) probability): fast
@@ -37,6 +39,7 @@ from branchwise.strategies.speculative import AdaptiveK
 from branchwise.strategies.tree import (
     Tree,
     longest_path,
+    nodes,
     path_verdict,
     plain_greedy,
     prune,
@@ -89,6 +92,7 @@ class MedusaState:
 
 class MedusaStrategy(Strategy):
     name = "medusa"
+    drafts_past_pending = True  # after a forced run, the heads it did not cover guess on (no plain step)
 
     @classmethod
     def resources(cls, config, model_path, model, dtype, device) -> Resources | None:
@@ -168,29 +172,33 @@ class MedusaStrategy(Strategy):
             return 0
         room = min(MAX_NODES, self.ctx.max_model_len - seq.num_tokens - 1)
         fixed = seq.strategy_params.get("choices")
-        if fixed is not None:
-            return max(0, min(len(fixed), room))
-        if self.k.plain or room <= 0:
-            return 0
-        if self.nodes_step != self.k.stats.step:  # once per step: a cache of this step's tree
-            self.nodes = self._best_nodes(self.k.threshold())
-            self.nodes_step = self.k.stats.step
-        return min(len(self.nodes), room)
+        if fixed is None:
+            if self.k.plain or room <= 0:
+                return 0
+            if self.nodes_step != self.k.stats.step:  # once per step: a cache of this step's tree
+                self.nodes = self._best_nodes(self.k.threshold())
+                self.nodes_step = self.k.stats.step
+        return max(0, min(len(self._nodes(seq)), room))
+
+    def _nodes(self, seq: Sequence) -> list[tuple[int, ...]]:
+        """This step's tree for `seq`, best first, within the heads its forced run left (a prefix of
+        the list is a tree)."""
+        fixed = seq.strategy_params.get("choices")
+        nodes = list(fixed) if fixed is not None else self.nodes
+        depth = self.num_heads - (seq.num_pending - 1)
+        return nodes if depth >= self.num_heads else [c for c in nodes if len(c) <= depth]
 
     def _choices(self, seq: Sequence, budget: int) -> tuple[tuple[int, ...], ...]:
         """This step's tree for `seq`, cut to its budget and to the tokens it may still emit."""
-        fixed = seq.strategy_params.get("choices")
-        nodes = list(fixed) if fixed is not None else self.nodes
         left = (seq.params.max_tokens or self.ctx.max_model_len) - seq.num_output_tokens
-        nodes = [c for c in nodes[:budget] if len(c) < left]
-        return tuple(sorted(nodes))
+        return tuple(sorted(c for c in self._nodes(seq)[:budget] if len(c) < left))
 
     # -- propose ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
         states = [self.state(s) for s in seqs]
         trees = [
-            self._choices(s, b - 1) if b > 1 and st.hidden is not None else ()
+            self._choices(s, b - s.num_pending) if b > s.num_pending and st.hidden is not None else ()
             for s, b, st in zip(seqs, budgets, states, strict=True)
         ]
         drafting = [i for i, t in enumerate(trees) if t]
@@ -205,9 +213,8 @@ class MedusaStrategy(Strategy):
             if not trees[i]:
                 plans.append(Plan(seq, pending))
                 continue
-            j = row[i]
-            choices = trees[i]
-            drafts = [top[len(c) - 1][j][c[-1]] for c in choices]
+            j, choices, shift = row[i], trees[i], seq.num_pending - 1  # heads the forced run covered
+            drafts = [top[shift + len(c) - 1][j][c[-1]] for c in choices]
             if seq.matcher is not None:
                 kept = prune(seq, build_tree(choices).parent, drafts)
                 choices, drafts = tuple(choices[k - 1] for k in kept), [drafts[k - 1] for k in kept]
@@ -260,13 +267,15 @@ class MedusaStrategy(Strategy):
             return {}
         rows = tree_rows(plans, idx, out)
         temps = torch.tensor(
-            [max(plans[i].seq.params.temperature, 1e-5) for i in idx for _ in plans[i].tokens],
+            [max(plans[i].seq.params.temperature, 1e-5) for i in idx for _ in range(plans[i].num_logits)],
             device=out.logits.device,
         )
         x = out.logits[torch.from_numpy(rows).to(out.logits.device)].float()
         seqs = [plans[i].seq for i in idx]
         if any(s.params.logit_bias for s in seqs):  # each node judged under its sequence's bias
-            per_row = torch.tensor([j for j, i in enumerate(idx) for _ in plans[i].tokens], device=x.device)
+            per_row = torch.tensor(
+                [j for j, i in enumerate(idx) for _ in range(plans[i].num_logits)], device=x.device
+            )
             x = x + sampler.logit_bias(seqs, x.shape[-1], x.device)[per_row]
         logp = torch.log_softmax(x / temps[:, None], -1)
         entropy = -(logp.exp() * logp).sum(-1)
@@ -276,9 +285,9 @@ class MedusaStrategy(Strategy):
             threshold = params.get("posterior_threshold", POSTERIOR_THRESHOLD)
             alpha = params.get("posterior_alpha", POSTERIOR_ALPHA)
             parents += [at + max(r, 0) for r in build_tree(p.payload).parent]
-            tokens += p.tokens
-            limits += [(threshold, alpha)] * len(p.tokens)
-            at += len(p.tokens)
+            tokens += nodes(p)
+            limits += [(threshold, alpha)] * p.num_logits
+            at += p.num_logits
         parents_t = torch.tensor(parents, device=logp.device)
         prob = logp[parents_t, torch.tensor(tokens, device=logp.device)].exp()
         limit = torch.minimum(
@@ -288,8 +297,8 @@ class MedusaStrategy(Strategy):
         ok = (prob > limit).tolist()
         result, at = {}, 0
         for i in idx:
-            result[i] = ok[at : at + len(plans[i].tokens)]
-            at += len(plans[i].tokens)
+            result[i] = ok[at : at + plans[i].num_logits]
+            at += plans[i].num_logits
         return result
 
     # -- after verification -----------------------------------------------------------------------
@@ -311,10 +320,10 @@ class MedusaStrategy(Strategy):
         for p, v in zip(plans, verdicts, strict=True):
             if p.payload is None:
                 continue
-            tree = build_tree(p.payload)
-            kept = set(v.kv_keep)  # the root and the accepted nodes
+            tree, shift = build_tree(p.payload), len(p.tokens) - p.num_logits
+            kept = {k - shift for k in v.kv_keep}  # the root and the accepted nodes (tree indices)
             for k, c in enumerate(p.payload, 1):
-                key = (len(c), c[-1])
+                key = (shift + len(c), c[-1])  # the head that guessed it, its rank
                 proposed[key] += 1
                 if tree.parent[k] in kept:  # reached: its parent was accepted
                     self.evidence[key][1] += 1

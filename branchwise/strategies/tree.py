@@ -1,9 +1,10 @@
 """Token trees: drafts that branch, fed in one target forward under a tree mask and verified path by path.
 
-A tree's index 0 is the sequence's pending token (the root); every other node is a drafted token after
-its parent. Node i sits at position start + depth[i] and sees the prefix, the root and its ancestors. The
-longest root-to-node path whose tokens the target itself picks is accepted; its K/V is compacted into the
-sequence's slots (`Verdict.kv_keep`) and the rest rolled back. Medusa and suffix decoding draft trees.
+A tree's index 0 is the sequence's (last) pending token, the root; every other node is a drafted token
+after its parent. Node i sits at position root + depth[i] and sees the prefix, the root and its ancestors.
+Pending tokens before the root (a grammar's forced run) are fed first as the tree's trunk and always kept.
+The longest root-to-node path whose tokens the target itself picks is accepted; its K/V is compacted into
+the sequence's slots (`Verdict.kv_keep`) and the rest rolled back. Medusa and suffix decoding draft trees.
 """
 
 from __future__ import annotations
@@ -54,12 +55,33 @@ def tree_of(parent: tuple[int, ...]) -> Tree:
 
 
 def tree_plan(seq: Sequence, drafts: list[int], tree: Tree, payload=None) -> Plan:
-    """The plan that feeds `seq`'s pending token and a tree of drafted tokens (drafts[i] is node i + 1)."""
-    positions = (seq.num_computed + seq.position_offset + tree.depth).tolist()
-    tokens = seq.token_ids[seq.num_computed :] + drafts
+    """The plan that feeds `seq`'s pending tokens and a tree of drafted tokens (drafts[i] is node i + 1)
+    after the last of them, the tree's root (pending tokens before it, a grammar's forced run, its trunk)."""
+    pending = seq.token_ids[seq.num_computed :]
+    root = seq.num_computed + seq.position_offset + len(pending) - 1
+    if len(pending) == 1:
+        positions, mask = (root + tree.depth).tolist(), tree.mask
+    else:
+        positions = list(range(root - len(pending) + 1, root)) + (root + tree.depth).tolist()
+        mask = trunk_mask(tree.parent, len(pending) - 1)
     return Plan(
-        seq, tokens, len(drafts) + 1, positions=positions, mask=tree.mask, drafts=drafts, payload=payload
+        seq, pending + drafts, len(drafts) + 1, positions=positions, mask=mask, drafts=drafts, payload=payload
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def trunk_mask(parent: tuple[int, ...], trunk: int) -> torch.Tensor:
+    """The intra-step mask of `trunk` tokens fed before a tree's root: causal among them, and every tree
+    node sees them all."""
+    n = trunk + len(parent)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    mask[trunk:, trunk:] = tree_of(parent).mask
+    return mask
+
+
+def nodes(plan: Plan) -> list[int]:
+    """The tokens of a tree plan's root and nodes (its logits rows), without the trunk before the root."""
+    return plan.tokens[len(plan.tokens) - plan.num_logits :]
 
 
 def plain_greedy(seq: Sequence) -> bool:
@@ -69,7 +91,7 @@ def plain_greedy(seq: Sequence) -> bool:
 
 def tree_rows(plans: list[Plan], idx: list[int], out: ForwardOutput) -> np.ndarray:
     """The logits rows of the root and every node of the given plans' trees, plan after plan."""
-    return np.concatenate([np.arange(len(plans[i].tokens)) + out.logits_rows[i] for i in idx])
+    return np.concatenate([np.arange(plans[i].num_logits) + out.logits_rows[i] for i in idx])
 
 
 def verify_greedy(plans: list[Plan], idx: list[int], trees: list[Tree], out: ForwardOutput) -> list[Verdict]:
@@ -81,10 +103,10 @@ def verify_greedy(plans: list[Plan], idx: list[int], trees: list[Tree], out: For
     best = sampler.argmax(out.logits[torch.from_numpy(rows).to(out.logits.device)]).tolist()
     verdicts, at = [], 0
     for i, tree in zip(idx, trees, strict=True):
-        p = plans[i]
-        choice = best[at : at + len(p.tokens)]
-        at += len(p.tokens)
-        ok = [k > 0 and p.tokens[k] == choice[tree.parent[k]] for k in range(len(p.tokens))]
+        p, fed = plans[i], nodes(plans[i])
+        choice = best[at : at + len(fed)]
+        at += len(fed)
+        ok = [k > 0 and fed[k] == choice[tree.parent[k]] for k in range(len(fed))]
         chain = longest_path(tree.paths, ok)
         verdicts.append(path_verdict(p, out.logits_rows[i], chain, choice[chain[-1] if chain else 0]))
     return verdicts
@@ -105,7 +127,7 @@ def verify_paths(
         rows += [out.logits_rows[i] + r for r in (0, *path)]
     logits = out.logits[torch.tensor(rows, device=out.logits.device)]
     seqs = [plans[i].seq for i, _ in group]
-    drafts = [[plans[i].tokens[r] for r in path] for i, path in group]
+    drafts = [[nodes(plans[i])[r] for r in path] for i, path in group]
     bitmask = None
     if any(s.matcher is not None for s in seqs):
         # a matcher copy per path: the paths of one sequence advance through different tokens
@@ -153,10 +175,15 @@ def longest_path(paths: tuple[tuple[int, ...], ...], ok: list[bool]) -> tuple[in
 
 
 def path_verdict(plan: Plan, row: int, chain: tuple[int, ...], token: int) -> Verdict:
-    """Accept the nodes of `chain` (indices into plan.tokens; the plan's rows start at `row`), then
-    `token`."""
+    """Accept the nodes of `chain` (tree indices, the root 0; the plan's rows start at `row`), then
+    `token`; the trunk before the root stays too."""
+    trunk = len(plan.tokens) - plan.num_logits
     kept = [0, *chain]
-    return Verdict([plan.tokens[k] for k in chain] + [token], [row + k for k in kept], kept)
+    return Verdict(
+        [plan.tokens[trunk + k] for k in chain] + [token],
+        [row + k for k in kept],
+        list(range(trunk)) + [trunk + k for k in kept],
+    )
 
 
 def prune(seq: Sequence, parent: tuple[int, ...], drafts: list[int]) -> list[int]:
