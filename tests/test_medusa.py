@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from branchwise import LLM, SamplingParams
-from branchwise.models.medusa import MedusaHeads, find_heads, load_heads, save_heads
+from branchwise.models.medusa import MedusaHeads, find_heads, load_heads, save_heads, stack_heads
 from branchwise.strategies.medusa import build_tree, check_choices
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -176,6 +176,21 @@ def test_heads_load_from_the_authors_layout(tmp_path, spec_target):
     )
     with pytest.raises(ValueError, match="do not fit this model"):
         load_heads(str(bad), model)
+
+
+def test_stacked_heads_give_the_modules_logits_and_share_its_weights():
+    torch.manual_seed(0)
+    heads = MedusaHeads(32, 50, 3, 2).eval().requires_grad_(False)
+    for p in heads.parameters():
+        p.data.normal_(0, 0.3)
+    hidden = torch.randn(5, 32)
+    expected = heads(hidden)
+    forward = stack_heads(heads)
+    torch.testing.assert_close(forward(hidden), expected)
+    torch.testing.assert_close(forward(hidden[2:3]), expected[:, 2:3])
+    torch.testing.assert_close(heads(hidden), expected)  # the module still runs, on views of the stack
+    projections = [head[2].weight for head in heads.heads]
+    assert projections[1].data_ptr() == projections[0].data_ptr() + 50 * 32 * projections[0].element_size()
 
 
 def test_medusa_needs_heads(tiny_llama, prompts):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +46,36 @@ class MedusaHeads(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(hidden) for head in self.heads])
+
+
+def stack_heads(heads: MedusaHeads) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The heads' inference forward with their weights stacked per layer: one batched matmul per block
+    layer and one for the projections, where the module runs a small GEMM per head and layer. The module's
+    parameters become views of the stacked weights: nothing is stored twice."""
+
+    def stacked(params: list[nn.Parameter]) -> torch.Tensor:
+        weight = torch.stack([p.data for p in params])
+        for k, p in enumerate(params):
+            p.data = weight[k]
+        return weight
+
+    layers = [[head[i] for head in heads.heads] for i in range(heads.num_layers + 1)]
+    blocks = [
+        (
+            stacked([b.linear.weight for b in layer]).transpose(1, 2),
+            stacked([b.linear.bias for b in layer])[:, None],
+        )
+        for layer in layers[:-1]
+    ]
+    projection = stacked([p.weight for p in layers[-1]]).transpose(1, 2)  # (heads, H, V)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (heads, ..., V)
+        x = hidden.reshape(1, -1, hidden.shape[-1]).expand(heads.num_heads, -1, -1)
+        for weight, bias in blocks:
+            x = x + nn.functional.silu(torch.baddbmm(bias, x, weight))
+        return torch.bmm(x, projection).view(heads.num_heads, *hidden.shape[:-1], -1)
+
+    return forward
 
 
 def find_heads(model_path: str, heads_path: str | None = None) -> str | None:

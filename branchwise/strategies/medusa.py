@@ -33,7 +33,7 @@ from branchwise.engine import sampler
 from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.sequence import Sequence
 from branchwise.engine.stats import StepStats
-from branchwise.models.medusa import find_heads, load_heads
+from branchwise.models.medusa import find_heads, load_heads, stack_heads
 from branchwise.strategies.base import Resources, Strategy, verify_chains
 from branchwise.strategies.speculative import AdaptiveK
 from branchwise.strategies.tree import (
@@ -107,8 +107,8 @@ class MedusaStrategy(Strategy):
                 "medusa/ folder beside the model (`branchwise train medusa`)"
             )
         self.k = AdaptiveK(self.name, ctx.config.num_speculative_tokens)  # its plain steps and penalty
-        self.heads = resources.weights
-        self.num_heads = self.heads.num_heads
+        self.heads = stack_heads(resources.weights)
+        self.num_heads = resources.weights.num_heads
         # (depth, rank) -> [accepted, reached]: reached = the node's parent was accepted
         self.evidence = {
             (d, r): [PRIOR_WEIGHT * 0.6 * 0.4**r, PRIOR_WEIGHT]  # prior: a lower rank is right more often
