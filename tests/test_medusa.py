@@ -298,7 +298,10 @@ def test_forced_runs_go_on_with_the_heads_they_left_instead_of_a_plain_step(monk
 
     def recorded(self, seqs, budgets):
         plans = propose(self, seqs, budgets)
-        trunks.extend(len(p.tokens) - p.num_logits for p in plans if p.payload is not None)
+        for p in plans:
+            if p.payload is not None:  # the heads read the hidden state that scored the first fed token
+                assert p.seq.strategy_state.at == p.start
+                trunks.append(len(p.tokens) - p.num_logits)
         return plans
 
     monkeypatch.setattr(MedusaStrategy, "propose", recorded)
@@ -322,3 +325,20 @@ def test_forced_runs_go_on_with_the_heads_they_left_instead_of_a_plain_step(monk
     out = outputs(llm, prompts[:4], [sampled] * 4, "medusa", choices=choices)
     assert all(json.loads(o.text) is not None for o in out)
     assert llm.engine.blocks.num_available == llm.engine.num_blocks
+
+
+def test_heads_draft_only_from_the_hidden_state_of_the_first_pending_token():
+    """A forced run fed in chunks (a full token budget) leaves the hidden state of a token before the
+    first pending one: no tree until a forward with logits refreshes it."""
+    from branchwise.engine.sequence import Sequence
+    from branchwise.strategies.medusa import MedusaState
+
+    llm = LLM("demo")
+    medusa = llm.engine.strategy("medusa")
+    medusa.begin_step(llm.engine.stats)
+    seq = Sequence(0, "r", 0, list(range(10, 20)), 6, GREEDY, "medusa", torch.Generator(), num_computed=8)
+    seq.strategy_params = {"choices": ((0,), (0, 0), (0, 0, 0))}
+    seq.strategy_state = MedusaState(torch.zeros(llm.engine.model.config.hidden_size), at=8)
+    assert medusa.lookahead(seq) == 3  # two pending: the second covers head 1, heads 2-4 guess on
+    seq.strategy_state.at = 7  # it scored the token before: the chunk that fed token 7 had no logits
+    assert medusa.lookahead(seq) == 0

@@ -88,6 +88,7 @@ def check_choices(choices, num_heads: int) -> tuple[tuple[int, ...], ...]:
 @dataclass
 class MedusaState:
     hidden: torch.Tensor | None = None  # the hidden state that scored the pending token: the heads' input
+    at: int = -1  # the index of the token it scored (the sequence's first pending one while it drafts)
 
 
 class MedusaStrategy(Strategy):
@@ -115,8 +116,9 @@ class MedusaStrategy(Strategy):
             for d in range(1, self.num_heads + 1)
             for r in range(TOP_K)
         }
-        self.nodes: list[tuple[int, ...]] = []  # this step's tree, best first
-        self.nodes_step = -1
+        self.nodes: dict[
+            int, list[tuple[int, ...]]
+        ] = {}  # this step's tree per forced-run length, best first
 
     def parse_params(self, params: dict) -> dict:
         """`choices`: a fixed tree; `posterior_threshold`, `posterior_alpha`: typical acceptance."""
@@ -140,22 +142,25 @@ class MedusaStrategy(Strategy):
         accepted, reached = self.evidence[(depth, rank)]
         return accepted / reached
 
-    def _best_nodes(self, threshold: float) -> list[tuple[int, ...]]:
-        """Nodes in order of estimated path probability while it beats `threshold`; every prefix of the
-        list is a tree (a node enters the queue only once its parent and its next-better sibling left it)."""
-        heap = [(-self._rate(1, 0), (0,))]
+    def _best_nodes(self, threshold: float, shift: int = 0) -> list[tuple[int, ...]]:
+        """Nodes in order of estimated path probability while it beats `threshold`, depth d guessed by
+        head shift + d; every prefix of the list is a tree (a node enters the queue only once its parent
+        and its next-better sibling left it)."""
+        if shift >= self.num_heads:
+            return []
+        heap = [(-self._rate(shift + 1, 0), (0,))]
         out: list[tuple[int, ...]] = []
         while heap and len(out) < MAX_NODES:
             neg, c = heapq.heappop(heap)
             if -neg <= threshold:
                 break
             out.append(c)
-            d, r = len(c), c[-1]
+            h, r = shift + len(c), c[-1]
             if r + 1 < TOP_K:
-                sibling = -neg / max(self._rate(d, r), 1e-9) * self._rate(d, r + 1)
+                sibling = -neg / max(self._rate(h, r), 1e-9) * self._rate(h, r + 1)
                 heapq.heappush(heap, (-sibling, c[:-1] + (r + 1,)))
-            if d < self.num_heads:
-                heapq.heappush(heap, (neg * self._rate(d + 1, 0), c + (0,)))
+            if h < self.num_heads:
+                heapq.heappush(heap, (neg * self._rate(h + 1, 0), c + (0,)))
         return out
 
     def state(self, seq: Sequence) -> MedusaState:
@@ -165,28 +170,29 @@ class MedusaStrategy(Strategy):
 
     def begin_step(self, stats: StepStats) -> None:
         self.k.begin_step(stats)
-        self.nodes_step = -1  # this step's tree is built at its first lookahead
+        self.nodes = {}  # this step's trees, built at their first lookahead
 
     def lookahead(self, seq: Sequence) -> int:
-        if seq.strategy_state is None or seq.strategy_state.hidden is None:
+        st = seq.strategy_state
+        # the heads need the hidden state of its first pending token: none yet after a prompt or a
+        # preemption, a stale one while a forced run is fed in chunks (the chunk's forward has no logits)
+        if st is None or st.hidden is None or st.at != seq.num_computed:
             return 0
         room = min(MAX_NODES, self.ctx.max_model_len - seq.num_tokens - 1)
-        fixed = seq.strategy_params.get("choices")
-        if fixed is None:
-            if self.k.plain or room <= 0:
-                return 0
-            if self.nodes_step != self.k.stats.step:  # once per step: a cache of this step's tree
-                self.nodes = self._best_nodes(self.k.threshold())
-                self.nodes_step = self.k.stats.step
+        if "choices" not in seq.strategy_params and (self.k.plain or room <= 0):
+            return 0
         return max(0, min(len(self._nodes(seq)), room))
 
     def _nodes(self, seq: Sequence) -> list[tuple[int, ...]]:
-        """This step's tree for `seq`, best first, within the heads its forced run left (a prefix of
-        the list is a tree)."""
+        """This step's tree for `seq`, best first (a prefix of the list is a tree): its pinned choices or
+        the adaptive tree, for the heads its forced run left (head f + d guesses depth d)."""
+        shift = seq.num_pending - 1
         fixed = seq.strategy_params.get("choices")
-        nodes = list(fixed) if fixed is not None else self.nodes
-        depth = self.num_heads - (seq.num_pending - 1)
-        return nodes if depth >= self.num_heads else [c for c in nodes if len(c) <= depth]
+        if fixed is not None:
+            return [c for c in fixed if shift + len(c) <= self.num_heads]
+        if shift not in self.nodes:  # once per step and shift: a cache of this step's trees
+            self.nodes[shift] = self._best_nodes(self.k.threshold(), shift)
+        return self.nodes[shift]
 
     def _choices(self, seq: Sequence, budget: int) -> tuple[tuple[int, ...], ...]:
         """This step's tree for `seq`, cut to its budget and to the tokens it may still emit."""
@@ -198,7 +204,7 @@ class MedusaStrategy(Strategy):
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
         states = [self.state(s) for s in seqs]
         trees = [
-            self._choices(s, b - s.num_pending) if b > s.num_pending and st.hidden is not None else ()
+            self._choices(s, b - s.num_pending) if b > s.num_pending and st.at == s.num_computed else ()
             for s, b, st in zip(seqs, budgets, states, strict=True)
         ]
         drafting = [i for i, t in enumerate(trees) if t]
@@ -308,8 +314,9 @@ class MedusaStrategy(Strategy):
         if not rows:
             return
         hidden = out.hidden[torch.tensor(rows, device=out.hidden.device)].clone()
-        for p, h in zip(plans, hidden, strict=True):
-            self.state(p.seq).hidden = h
+        for p, v, h in zip(plans, verdicts, hidden, strict=True):
+            st = self.state(p.seq)
+            st.hidden, st.at = h, p.start + len(v.kv_keep)  # the new token sits right after the kept K/V
 
     def _learn(self, plans: list[Plan], verdicts: list[Verdict]) -> None:
         """Update the (depth, rank) acceptance estimates and the tree-position metrics."""
