@@ -116,9 +116,8 @@ class MedusaStrategy(Strategy):
             for d in range(1, self.num_heads + 1)
             for r in range(TOP_K)
         }
-        self.nodes: dict[
-            int, list[tuple[int, ...]]
-        ] = {}  # this step's tree per forced-run length, best first
+        # this step's tree per forced-run length (the heads it covered), best first
+        self.nodes: dict[int, list[tuple[int, ...]]] = {}
 
     def parse_params(self, params: dict) -> dict:
         """`choices`: a fixed tree; `posterior_threshold`, `posterior_alpha`: typical acceptance."""
