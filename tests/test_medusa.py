@@ -234,7 +234,7 @@ def test_training_writes_heads_in_the_authors_layout(tmp_path, spec_target):
     assert json.loads((folder / "config.json").read_text())["medusa_num_heads"] == 2
     assert info["steps"] > 0 and len(info["held_out_top1_agreement"]) == 2
     llm = LLM(str(model_dir))
-    assert llm.engine.resources["medusa"].weights.num_heads == 2
+    assert llm.engine.resources["medusa"].weights[0].num_heads == 2
 
 
 def test_training_with_init_continues_from_the_given_heads(tmp_path, spec_target):

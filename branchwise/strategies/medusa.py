@@ -98,7 +98,11 @@ class MedusaStrategy(Strategy):
     @classmethod
     def resources(cls, config, model_path, model, dtype, device) -> Resources | None:
         found = find_heads(model_path, config.medusa_heads)
-        return None if found is None else Resources(load_heads(found, model), None, found)
+        if found is None:
+            return None
+        # stacked here, before the KV pool is sized: for a moment each layer is held twice
+        heads = load_heads(found, model)
+        return Resources((heads, stack_heads(heads)), None, found)
 
     def __init__(self, ctx: StrategyContext, resources: Resources | None = None) -> None:
         super().__init__(ctx)
@@ -108,8 +112,8 @@ class MedusaStrategy(Strategy):
                 "medusa/ folder beside the model (`branchwise train medusa`)"
             )
         self.k = AdaptiveK(self.name, ctx.config.num_speculative_tokens)  # its plain steps and penalty
-        self.heads = stack_heads(resources.weights)
-        self.num_heads = resources.weights.num_heads
+        module, self.heads = resources.weights  # the heads and their stacked forward
+        self.num_heads = module.num_heads
         # (depth, rank) -> [accepted, reached]: reached = the node's parent was accepted
         self.evidence = {
             (d, r): [PRIOR_WEIGHT * 0.6 * 0.4**r, PRIOR_WEIGHT]  # prior: a lower rank is right more often
