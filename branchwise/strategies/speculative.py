@@ -74,10 +74,12 @@ class AdaptiveK:
         Wherever a step with drafts and a step without (a forced plain step, or one where no sequence
         chose to draft) follow each other, the two run nearly the same batch, even while it drains or
         fills: each such pair is credited, the drafting step to one side, the plain step to the other.
-        Every WINDOW plain steps, or sooner once 2 * WINDOW pairs are in: if the drafting steps yielded
-        fewer tokens per second than the plain ones, the penalty triples; if more, it falls (by as much
-        from above 3, and a whole-step fit that forbids every draft is dropped: stale); with no pair
-        at all it fades slowly, so a lighter load tries again. Steps that carry prefill chunks say
+        Every WINDOW plain steps, or sooner once 2 * WINDOW pairs are in, the penalty moves by the square
+        of the drafting steps' tokens per second over the plain ones': up by at most 3x if they yielded
+        less; if more, down by at most 1.5x (3x from above 3), and a whole-step fit that forbids every
+        draft is dropped (stale); with no pair at all it fades slowly, so a lighter load tries again. A
+        step as large as the gain or loss, rather than a fixed 3x up and 1.5x down, does not drift upwards
+        under timing noise when drafting pays a little. Steps that carry prefill chunks say
         nothing about decoding: skipped, and no pair spans them.
         """
         skipped = (
@@ -99,10 +101,10 @@ class AdaptiveK:
             (spec_tokens, spec_s), (plain_tokens, plain_s) = self.window[True], self.window[False]
             if spec_tokens == 0:
                 self.penalty /= 1.2
-            elif spec_tokens / spec_s < plain_tokens / plain_s:
-                self.penalty *= 3.0
+            elif (ratio := (spec_tokens / spec_s) / (plain_tokens / plain_s)) < 1.0:
+                self.penalty *= min(ratio**-2, 3.0)
             else:  # drafting steps beat the plain steps beside them
-                self.penalty /= 3.0 if self.penalty > 3.0 else 1.5
+                self.penalty /= min(ratio**2, 3.0 if self.penalty > 3.0 else 1.5)
                 if self.step_slope * self.goodput >= 1.0:  # a fit that forbids every draft: stale
                     self.step_cost = CostModel()
             self.penalty = min(max(self.penalty, 1.0), 1e4)
