@@ -101,7 +101,8 @@ class AdaptiveK:
             (spec_tokens, spec_s), (plain_tokens, plain_s) = self.window[True], self.window[False]
             if spec_tokens == 0:
                 self.penalty /= 1.2
-            elif (ratio := (spec_tokens / spec_s) / (plain_tokens / plain_s)) < 1.0:
+            # drafting's tokens/s over plain's (a pair's steps committed tokens; a zero time is a stand-in's)
+            elif (ratio := spec_tokens * plain_s / max(spec_s * plain_tokens, 1e-12)) < 1.0:
                 self.penalty *= min(ratio**-2, 3.0)
             else:  # drafting steps beat the plain steps beside them
                 self.penalty /= min(ratio**2, 3.0 if self.penalty > 3.0 else 1.5)
