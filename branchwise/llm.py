@@ -96,6 +96,9 @@ class LLM:
             prompts = [prompts]
         params = params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
+        # outputs come back whole (vLLM's LLM does the same): the text is decoded once per completion
+        final = {id(p): dataclasses.replace(p, output_kind="final_only") for p in params}
+        params = [final[id(p)] for p in params]
         results: dict[str, RequestOutput] = {}
         order = []
         for prompt, p in zip(prompts, params, strict=True):

@@ -134,6 +134,78 @@ def test_text_streamed_in_rust_equals_text_decoded_by_offsets(tokenizer, kind, s
             assert texts[0] == tok.decode(out, skip_special_tokens=skip)
 
 
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
+@pytest.mark.parametrize("skip", [True, False])
+def test_text_decoded_once_at_the_end_equals_text_streamed_token_by_token(tokenizer, kind, skip):
+    """final_only's one decode gives what DecodeStream gave token by token, also for outputs cut inside a
+    multi-byte character (held back) and for random token ids (invalid bytes in the middle)."""
+    tok = tokenizer if kind == "byte_level" else _sentencepiece_tokenizer()
+    backend, decode = detokenizer.rust_tokenizer(tok), detokenizer.decoder_for(tok)
+    rng = random.Random(1)
+    chars = "abc xyz,. 日本語テキスト 🙂👍 éàü ñ\n\t"
+    for i in range(300):
+        prompt = tok.encode("".join(rng.choices(chars, k=rng.randint(1, 10))), add_special_tokens=False) or [
+            1
+        ]
+        if i % 3 == 0:
+            out = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 30))]
+        else:
+            out = tok.encode("".join(rng.choices(chars, k=rng.randint(5, 40))), add_special_tokens=False)
+            out = out[: rng.randint(1, len(out))]
+        texts = []
+        for kind_ in ("delta", "final_only"):
+            seq = Sequence(
+                0,
+                "r",
+                0,
+                list(prompt),
+                len(prompt),
+                SamplingParams(skip_special_tokens=skip, output_kind=kind_),
+                "ar",
+                torch.Generator(),
+            )
+            detokenizer.init_offsets(seq, backend)
+            assert seq.text_at_end == (kind_ == "final_only")
+            text = ""
+            for token in out:
+                seq.token_ids.append(token)
+                text += "" if seq.text_at_end else detokenizer.detokenize_step(decode, seq, backend)
+            texts.append(detokenizer.whole_text(decode, seq, seq.num_tokens) if seq.text_at_end else text)
+        assert texts[0] == texts[1], (prompt, out)
+
+
+def test_final_only_text_equals_streamed_text_at_every_ending(tiny_llama, prompts):
+    """LLM.generate decodes once at the end (final_only); LLM.stream decodes token by token: the same text
+    for endings by length, by a stop token (its text dropped or kept) and for n > 1 siblings."""
+    llm = LLM(tiny_llama)
+    full = llm.generate(prompts[3], GREEDY)[0].outputs[0]
+    stop_id = full.token_ids[7]
+    cases = [
+        GREEDY,
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[stop_id]),
+        SamplingParams(
+            temperature=0,
+            max_tokens=24,
+            ignore_eos=True,
+            stop_token_ids=[stop_id],
+            include_stop_str_in_output=True,
+        ),
+        SamplingParams(
+            temperature=1.0, seed=5, max_tokens=16, ignore_eos=True, skip_special_tokens=False, n=2
+        ),
+    ]
+    for params in cases:
+        whole = llm.generate(prompts[3], params)[0]
+        streamed = ["" for _ in range(params.n)]
+        for u in llm.stream(prompts[3], params):
+            streamed[u.index] += u.text
+        assert [c.text for c in whole.outputs] == streamed
+        assert all(c.text for c in whole.outputs)
+    kept = llm.generate(prompts[3], cases[2])[0].outputs[0].text
+    dropped = llm.generate(prompts[3], cases[1])[0].outputs[0].text
+    assert kept.startswith(dropped) and len(kept) > len(dropped)
+
+
 def test_stop_token_ids_and_max_tokens_finish_reasons(tiny_llama, prompts):
     llm = LLM(tiny_llama)
     full = llm.generate(prompts[6], GREEDY)[0].outputs[0]
@@ -232,3 +304,32 @@ def test_request_validation_rejects_bad_input(tiny_llama):
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
     assert not engine.has_unfinished()
+
+
+def test_shallow_copy_of_strategy_state_matches_copy_copy_and_honours_custom_copies():
+    from branchwise.engine.engine import _shallow_copy
+    from branchwise.strategies.mtp import MTPState
+
+    class Custom:
+        def __init__(self) -> None:
+            self.rows = [1]
+
+        def __copy__(self):
+            return "custom"
+
+    class Slotted:
+        __slots__ = ("rows",)
+
+        def __init__(self) -> None:
+            self.rows = [1]
+
+    state = MTPState(computed=3, hidden=[torch.zeros(1)])
+    copied = _shallow_copy(state)
+    assert type(copied) is MTPState and copied is not state and vars(copied) == vars(state)
+    assert copied.hidden is state.hidden  # shallow, as copy.copy
+    copied.computed = 7
+    assert state.computed == 3
+    assert _shallow_copy(Custom()) == "custom"
+    slotted = _shallow_copy(Slotted())
+    assert type(slotted) is Slotted and slotted.rows == [1]
+    assert _shallow_copy(None) is None

@@ -161,7 +161,10 @@ def bench_offline(
         for i in picked:
             schema = records[i].get("schema") if constrained else None
             c = Constraint.json_schema(schema) if schema else None
-            params.append(SamplingParams(temperature=0, max_tokens=max_tokens, constraint=c))
+            # as `LLM.generate` and non-streaming requests: the text comes whole at the end
+            params.append(
+                SamplingParams(temperature=0, max_tokens=max_tokens, constraint=c, output_kind="final_only")
+            )
         name = ASYNC_AR.get(strategy, strategy)
         engine.strategy(name).reset_cache()  # every run starts cold: rounds repeat the same prompts
         engine.config.async_scheduling = strategy in ASYNC_AR

@@ -37,7 +37,9 @@ def init_offsets(seq: Sequence, backend=None) -> None:
     # decode the first output tokens with a few prompt tokens before them, so leading spaces survive
     seq.prefix_offset = max(seq.num_prompt_tokens - 5, 0)
     seq.read_offset = seq.num_prompt_tokens
-    if backend is not None:
+    # nothing reads the text before the end (no stop strings, nobody streams): one decode when it ends
+    seq.text_at_end = backend is not None and seq.params.output_kind == "final_only" and not seq.params.stop
+    if backend is not None and not seq.text_at_end:
         seq.decode_stream = DecodeStream(skip_special_tokens=seq.params.skip_special_tokens)
         seq.decode_stream.step(backend, seq.token_ids[seq.prefix_offset : seq.read_offset])
 
@@ -59,6 +61,16 @@ def detokenize_step(decode: Decode, seq: Sequence, backend=None) -> str:
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         return after[len(before) :]
     return ""
+
+
+def whole_text(decode: Decode, seq: Sequence, end: int) -> str:
+    """The text of output tokens up to `end` in one decode: what `detokenize_step`, called token by token,
+    would have given in all (the same prompt tokens before them; an incomplete last character held back)."""
+    ids, skip = seq.token_ids, seq.params.skip_special_tokens
+    before = decode(ids[seq.prefix_offset : seq.read_offset], skip)
+    after = decode(ids[seq.prefix_offset : end], skip)
+    text = after[len(before) :] if after.startswith(before) else decode(ids[seq.read_offset : end], skip)
+    return text.rstrip("\ufffd")
 
 
 def find_stop(seq: Sequence, num_new_chars: int) -> int | None:

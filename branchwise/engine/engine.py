@@ -479,7 +479,7 @@ class LLMEngine:
         saved = [
             (
                 None if s.params.greedy else s.generator.get_state(),
-                None if s.strategy_state is None else copy.copy(s.strategy_state),
+                _shallow_copy(s.strategy_state),
             )
             for s in seqs
         ]
@@ -710,10 +710,11 @@ class LLMEngine:
         update.token_ids.append(token)
         params = seq.params
         stopped = token in self.stop_token_ids(seq)
-        # a stop token's own text is not output (vLLM's rule), also when special tokens are kept
+        # a stop token's own text is not output (vLLM's rule), also when special tokens are kept; a text
+        # wanted only at the end is decoded once, in `_finish`
         text = (
             ""
-            if stopped and not params.include_stop_str_in_output
+            if seq.text_at_end or (stopped and not params.include_stop_str_in_output)
             else detokenizer.detokenize_step(self.decode, seq, self.rust_tokenizer)
         )
         seq.output_text += text
@@ -726,7 +727,8 @@ class LLMEngine:
             params.max_tokens or self.max_model_len
         ):
             self._finish(seq, "length")
-        update.text += detokenizer.sendable_text(seq)
+        if not seq.text_at_end:
+            update.text += detokenizer.sendable_text(seq)
 
     def _attach_prompt_logprobs(self, plans: list[Plan], out: ForwardOutput) -> None:
         """prompt_logprobs: each prompt row's score of the prompt token after it."""
@@ -813,6 +815,11 @@ class LLMEngine:
         seq.strategy_state = seq.swapped = None
         update = self._update(seq)
         update.finish_reason, update.error = reason, error
+        if seq.text_at_end:  # a stop token's own text is not output, as in `_append`
+            end, params = seq.num_tokens, seq.params
+            if seq.num_output_tokens and reason == "stop" and not params.include_stop_str_in_output:
+                end -= seq.token_ids[-1] in self.stop_token_ids(seq)  # the stop token, if one ended it
+            seq.output_text = detokenizer.whole_text(self.decode, seq, end)
         update.text += detokenizer.sendable_text(seq)
         for sibling in seq.forks:  # aborted before its prefill ended: the siblings end with it
             self._finish(sibling, reason, error)
@@ -842,6 +849,27 @@ class LLMEngine:
         self._last_load = load
         for gauge, value in zip(self._load_gauges, (*load, 1 - load[2] / self.num_blocks), strict=True):
             gauge.set(value)
+
+
+def _shallow_copy(state):
+    """copy.copy(state), four times faster for a plain object (it runs per sequence per step phase)."""
+    if state is None:
+        return None
+    cls = type(state)
+    plain = (
+        hasattr(state, "__dict__")
+        and not hasattr(cls, "__slots__")
+        and not hasattr(cls, "__copy__")
+        and not hasattr(cls, "__setstate__")
+        and cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__
+        and cls.__getstate__ is object.__getstate__
+    )
+    if not plain:
+        return copy.copy(state)
+    new = object.__new__(cls)
+    new.__dict__.update(state.__dict__)
+    return new
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:

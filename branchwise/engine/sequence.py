@@ -49,6 +49,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     constraint: Constraint | None = None  # a grammar the output must match (JSON schema, regex, ...)
+    # "delta": each step's update carries the text its tokens added; "final_only": the whole text comes with
+    # the last update (vLLM's RequestOutputKind; the offline API and non-streaming requests ask for it), and
+    # a request without stop strings is then detokenized once, at its end, not token by token
+    output_kind: str = "delta"
 
     def __post_init__(self) -> None:
         """Checks what needs no model; the engine checks token ids and top_k against the vocabulary."""
@@ -86,6 +90,11 @@ class SamplingParams:
                 "prompt_logprobs must be in [0, 20]",
             ),
             (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (
+                self.output_kind in ("delta", "final_only"),
+                "output_kind",
+                "output_kind must be delta or final_only",
+            ),
             (
                 all(-100 <= b <= 100 for b in self.logit_bias.values()),
                 "logit_bias",
@@ -157,6 +166,7 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     decode_stream: Any = None  # tokenizers' DecodeStream of the output, where the tokenizer allows one
+    text_at_end: bool = False  # detokenized once when it ends (final_only, no stop strings)
     # accounting
     logprobs: list[dict] = field(default_factory=list)
     prompt_logprobs: list[dict] = field(default_factory=list)  # of prompt tokens 1.., as they are computed

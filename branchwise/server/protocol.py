@@ -175,6 +175,7 @@ class _SamplingFields(Strict):
             include_stop_str_in_output=self.include_stop_str_in_output or self.no_stop_trim,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            output_kind="delta" if self.stream else "final_only",
         )
 
 

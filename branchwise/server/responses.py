@@ -249,6 +249,7 @@ class Responses:
                 repetition_penalty=req.repetition_penalty or 1.0,
                 seed=req.seed,
                 max_tokens=req.max_output_tokens,
+                output_kind="delta" if req.stream else "final_only",
             )
             fmt = req.text.format if req.text else None
             constraint = None
