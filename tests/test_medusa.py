@@ -342,3 +342,45 @@ def test_heads_draft_only_from_the_hidden_state_of_the_first_pending_token():
     assert medusa.lookahead(seq) == 3  # two pending: the second covers head 1, heads 2-4 guess on
     seq.strategy_state.at = 7  # it scored the token before: the chunk that fed token 7 had no logits
     assert medusa.lookahead(seq) == 0
+
+
+def test_grammar_greedy_tree_verification_gives_the_path_by_path_verdicts(monkeypatch):
+    """Constrained greedy trees are verified from the target's own argmax, masking only rows where the
+    grammar forbids it: every verdict equals the one of every path verified as a masked chain, on schemas
+    the model follows and on a regex it does not (most rows masked), and the tokens are `ar`'s."""
+    from branchwise.bench.datasets import load_records
+    from branchwise.constraints import Constraint
+    from branchwise.strategies import tree
+
+    llm = LLM("demo")
+    records = load_records("extraction")[:6]
+    prompts = [llm.chat_prompt(r["messages"]) for r in records]
+    regex = Constraint("regex", "[a-z]{2,6}( [0-9]{1,3}[a-z]{1,4}){3,20}")
+    params = [
+        SamplingParams(temperature=0, max_tokens=64, constraint=Constraint.json_schema(r["schema"]))
+        for r in records
+    ] + [SamplingParams(temperature=0, max_tokens=48, constraint=regex)] * 3
+    prompts += prompts[:3]
+    counts = {"verdicts": 0, "masked_rows": 0}
+    fast, mask = tree.verify_grammar_greedy, tree.apply_bitmask
+
+    def checked(ctx, plans, idx, trees, out):
+        got = fast(ctx, plans, idx, trees, out)
+        want = tree._verify_paths_longest(ctx, plans, idx, trees, out)
+        assert [(v.tokens, v.logit_rows, v.kv_keep) for v in got] == [
+            (v.tokens, v.logit_rows, v.kv_keep) for v in want
+        ]
+        counts["verdicts"] += len(got)
+        return got
+
+    def counted(logits, bitmask):
+        counts["masked_rows"] += 1
+        return mask(logits, bitmask)
+
+    monkeypatch.setattr(tree, "verify_grammar_greedy", checked)
+    monkeypatch.setattr(tree, "apply_bitmask", counted)
+    ar = outputs(llm, prompts, params, "ar")
+    got = outputs(llm, prompts, params, "medusa")
+    assert [o.token_ids for o in got] == [o.token_ids for o in ar]
+    assert counts["verdicts"] > 50 and counts["masked_rows"] > 10, counts
+    assert llm.engine.blocks.num_available == llm.engine.num_blocks

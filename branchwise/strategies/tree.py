@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from branchwise.constraints import apply_bitmask
 from branchwise.engine import sampler
 from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.sequence import Sequence
@@ -89,6 +90,11 @@ def plain_greedy(seq: Sequence) -> bool:
     return p.greedy and seq.matcher is None and not p.processes_logits
 
 
+def grammar_greedy(seq: Sequence) -> bool:
+    p = seq.params
+    return p.greedy and seq.matcher is not None and not p.processes_logits
+
+
 def tree_rows(plans: list[Plan], idx: list[int], out: ForwardOutput) -> np.ndarray:
     """The logits rows of the root and every node of the given plans' trees, plan after plan."""
     return np.concatenate([np.arange(plans[i].num_logits) + out.logits_rows[i] for i in idx])
@@ -145,11 +151,75 @@ def verify_paths(
     )
 
 
+def verify_grammar_greedy(
+    ctx: StrategyContext, plans: list[Plan], idx: list[int], trees: list[Tree], out: ForwardOutput
+) -> list[Verdict]:
+    """Greedy with a grammar and no penalties: a node is accepted when it is the grammar's argmax of its
+    parent's row. That is the target's own argmax wherever the grammar allows it there (one
+    `validate_tokens` on the accepted path): only rows where it does not are masked, most steps none."""
+    if not idx:
+        return []
+    rows = tree_rows(plans, idx, out)
+    logits = out.logits[torch.from_numpy(rows).to(out.logits.device)]
+    best = sampler.argmax(logits).tolist()
+    verdicts, at = [], 0
+    for i, tree in zip(idx, trees, strict=True):
+        p, fed, matcher = plans[i], nodes(plans[i]), plans[i].seq.matcher
+        paths: dict[int, list[int]] = {0: []}  # accepted node -> the drafted tokens from the root to it
+        choice: dict[int, int] = {}  # accepted node -> the grammar's argmax of its row
+        ok = [False] * len(fed)
+        for k in range(1, len(fed)):  # parents before children
+            parent = tree.parent[k]
+            if parent not in paths:
+                continue
+            if parent not in choice:
+                choice[parent] = _grammar_argmax(ctx, matcher, paths[parent], logits, at + parent, best)
+            if fed[k] == choice[parent]:
+                ok[k], paths[k] = True, [*paths[parent], fed[k]]
+        chain = longest_path(tree.paths, ok)
+        last = chain[-1] if chain else 0
+        token = (
+            choice[last]
+            if last in choice
+            else _grammar_argmax(ctx, matcher, paths[last], logits, at + last, best)
+        )
+        verdicts.append(path_verdict(p, out.logits_rows[i], chain, token))
+        at += len(fed)
+    return verdicts
+
+
+def _grammar_argmax(
+    ctx: StrategyContext, matcher, path: list[int], logits: torch.Tensor, row: int, best: list
+) -> int:
+    """The argmax of logits[row] among the tokens `matcher` allows after `path` (best[row]: over all)."""
+    if matcher.validate_tokens([*path, best[row]]) == len(path) + 1:
+        return best[row]
+    mask = ctx.grammars().masks([matcher], [path])[-1:]  # the matcher advances through the path and back
+    return int(sampler.argmax(apply_bitmask(logits[row : row + 1], mask))[0])
+
+
 def verify_longest(
     ctx: StrategyContext, plans: list[Plan], idx: list[int], trees: list[Tree], out: ForwardOutput
 ) -> list[Verdict]:
     """Greedy sequences with penalties or grammars: every root-to-leaf path as a chain, the longest
-    accepted one wins (the first of equals)."""
+    accepted one wins (the first of equals); with a grammar and no penalties, `verify_grammar_greedy`."""
+    if not idx:
+        return []
+    masked = [grammar_greedy(plans[i].seq) for i in idx]
+    if not any(masked):
+        return _verify_paths_longest(ctx, plans, idx, trees, out)
+    verdicts: list = [None] * len(idx)
+    for want, verify in ((True, verify_grammar_greedy), (False, _verify_paths_longest)):
+        part = [j for j in range(len(idx)) if masked[j] is want]
+        found = verify(ctx, plans, [idx[j] for j in part], [trees[j] for j in part], out)
+        for j, v in zip(part, found, strict=True):
+            verdicts[j] = v
+    return verdicts
+
+
+def _verify_paths_longest(
+    ctx: StrategyContext, plans: list[Plan], idx: list[int], trees: list[Tree], out: ForwardOutput
+) -> list[Verdict]:
     if not idx:
         return []
     group = [(i, path) for i, tree in zip(idx, trees, strict=True) for path in tree.paths]
