@@ -301,3 +301,64 @@ def test_demo_model_extraction_validates_with_every_strategy():
             ]
             for out, (_, _, fields) in zip(texts(demo, prompts, params, strategy), jobs, strict=True):
                 jsonschema.validate(json.loads(out.text), schema_of(fields))
+
+
+def test_chains_skip_masks_only_where_the_targets_argmax_is_allowed_and_keep_the_masked_tokens(
+    llm, prompts, monkeypatch
+):
+    """Greedy chains under a grammar are verified without masks where the grammar allows the target's own
+    argmax at every row: the tokens are those of masking every row, on the demo model (which follows its
+    schemas: masks mostly skipped) and a random model (which does not: masks mostly computed)."""
+    import random
+
+    from branchwise.models.demo import ASSET_DIR
+    from branchwise.strategies import base
+    from branchwise.train.demo_data import extraction
+    from branchwise.train.eval import schema_of
+
+    demo = LLM(str(ASSET_DIR))
+    rng = random.Random(5)
+    jobs = [extraction(rng) for _ in range(6)]
+    cases = [
+        (
+            demo,
+            [demo.chat_prompt([{"role": "user", "content": m}]) for m, _, _ in jobs],
+            [
+                SamplingParams(temperature=0, max_tokens=80, constraint=Constraint.json_schema(schema_of(f)))
+                for *_, f in jobs
+            ],
+        ),
+        (
+            llm,
+            prompts[:6],
+            [
+                SamplingParams(
+                    temperature=0, max_tokens=80, constraint=Constraint.json_schema(SCHEMAS["nested"])
+                )
+            ]
+            * 6,
+        ),
+    ]
+    choose = base.matchers_to_mask
+    counts = {"skipped": 0, "masked": 0}
+
+    def counted(seqs, first, drafts, logits):
+        matchers = choose(seqs, first, drafts, logits)
+        counts["skipped"] += sum(
+            m is None and s.matcher is not None for m, s in zip(matchers, seqs, strict=True)
+        )
+        counts["masked"] += sum(m is not None for m in matchers)
+        return matchers
+
+    for model, ps, params in cases:
+        for strategy in ("ar", "draft", "ngram", "mtp"):
+            if strategy == "draft" and model is demo:
+                continue  # the demo's draft model is exercised by the bench; the spec target has one
+            monkeypatch.setattr(
+                base, "matchers_to_mask", lambda seqs, first, drafts, logits: [s.matcher for s in seqs]
+            )
+            want = [o.token_ids for o in texts(model, ps, params, strategy)]
+            monkeypatch.setattr(base, "matchers_to_mask", counted)
+            got = [o.token_ids for o in texts(model, ps, params, strategy)]
+            assert got == want, (strategy, model is demo)
+    assert counts["skipped"] > 100 and counts["masked"] > 100, counts

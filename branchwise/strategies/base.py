@@ -107,7 +107,9 @@ def verify_chains(ctx: StrategyContext, plans: list[Plan], out: ForwardOutput) -
     drafts = [p.drafts for p in plans]
     bitmask = None
     if any(s.matcher is not None for s in seqs):
-        bitmask = grammar_masks(ctx, [s.matcher for s in seqs], drafts, [p.draft_masks for p in plans])
+        matchers = matchers_to_mask(seqs, first, drafts, out.logits)
+        if any(m is not None for m in matchers):
+            bitmask = grammar_masks(ctx, matchers, drafts, [p.draft_masks for p in plans])
     num_acc, nxt = sampler.verify_chains(out.logits, seqs, first, drafts, stop_ids, probs, bitmask)
     verdicts = []
     for p, a, t, r in zip(plans, num_acc, nxt, first, strict=True):
@@ -117,6 +119,31 @@ def verify_chains(ctx: StrategyContext, plans: list[Plan], out: ForwardOutput) -
         else:
             verdicts.append(Verdict(p.drafts[:a] + [t], list(range(r, r + a + 1)), list(range(pending + a))))
     return verdicts
+
+
+def matchers_to_mask(
+    seqs: list[Sequence], first: list[int], drafts: list[list[int]], logits: torch.Tensor
+) -> list:
+    """Each sequence's matcher, or None where no mask can change its verdict: unconstrained, or greedy
+    without penalties with the target's own argmax allowed by the grammar at every verified row (it is then
+    the masked argmax too; one `validate_tokens` a row, against a mask of the whole vocabulary)."""
+    matchers = [s.matcher for s in seqs]
+    quick = [
+        b
+        for b, s in enumerate(seqs)
+        if s.matcher is not None and s.params.greedy and not s.params.processes_logits
+    ]
+    if not quick:
+        return matchers
+    rows = [first[b] + k for b in quick for k in range(len(drafts[b]) + 1)]
+    best = sampler.argmax(logits[torch.tensor(rows, device=logits.device)]).tolist()
+    at = 0
+    for b in quick:
+        d, m = drafts[b], matchers[b]
+        if all(m.validate_tokens([*d[:k], best[at + k]]) == k + 1 for k in range(len(d) + 1)):
+            matchers[b] = None
+        at += len(d) + 1
+    return matchers
 
 
 def _stack_draft_probs(plans: list[Plan], vocab: int, device: torch.device) -> torch.Tensor:
