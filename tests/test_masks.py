@@ -22,28 +22,29 @@ def dense_attention(q, keys, values, visible, scale):
 
 
 @pytest.mark.parametrize("group", [1, 4])
-def test_reference_attention_with_causal_tree_and_shared_prefix(group):
+def test_reference_attention_with_causal_tree_shared_prefix_and_decode_tokens(group):
     torch.manual_seed(0)
     bs, Hkv, D = 4, 2, 8
     Hq = Hkv * group
-    k_cache = torch.randn(16, bs, Hkv, D)
-    v_cache = torch.randn(16, bs, Hkv, D)
+    k_cache = torch.randn(19, bs, Hkv, D)
+    v_cache = torch.randn(19, bs, Hkv, D)
     # seq 0: 9 cached + 3 new, causal; seq 1 shares seq 0's first two blocks, 5 new tokens as a tree;
-    # seq 2: 2 cached + 40 new (a long prefill chunk, attended on its own)
-    tables = [[3, 7, 1], [3, 7, 9, 2], [4, 5, 6, 8, 10, 11, 12, 13, 14, 15, 0]]
-    cached = [9, 8, 2]
-    q_lens = [3, 5, 40]
+    # seq 2: 2 cached + 40 new (a long prefill chunk, attended on its own); seqs 3 and 4: one new token
+    # each (decoding beside the drafts: attended apart from them)
+    tables = [[3, 7, 1], [3, 7, 9, 2], [4, 5, 6, 8, 10, 11, 12, 13, 14, 15, 0], [16, 17], [18]]
+    cached = [9, 8, 2, 6, 0]
+    q_lens = [3, 5, 40, 1, 1]
     tree = torch.tensor(
         [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
         dtype=torch.bool,
     )
-    masks = [None, tree, None]
+    masks = [None, tree, None, None, None]
     slots, positions = [], []
     for table, c, n in zip(tables, cached, q_lens, strict=True):
         slots += [table[i // bs] * bs + i % bs for i in range(c, c + n)]
         positions += list(range(c, c + n))
     T = sum(q_lens)
-    padded = torch.zeros(3, 11, dtype=torch.long)
+    padded = torch.zeros(5, 11, dtype=torch.long)
     for b, t in enumerate(tables):
         padded[b, : len(t)] = torch.tensor(t)
     meta = build_metadata(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -147,3 +148,63 @@ def test_suffix_params_are_checked():
         with pytest.raises(ValueError):
             check(None, bad)
     assert check(None, {"max_spec_factor": 2.5}) == {"max_spec_factor": 2.5}
+
+
+def test_a_sequence_whose_suffix_drafts_keep_failing_is_not_searched_until_its_evidence_fades(
+    tiny_llama, monkeypatch
+):
+    """Counts are overconfident (a continuation seen once has probability 1): the cost rule weighs a node
+    d deep by alpha^d, alpha the sequence's per-token acceptance. With every draft rejected at once no node
+    can pass, and the search (host time whatever it finds) is skipped; with long accepted runs the same
+    context drafts deep; 40 steps later the bad evidence has faded towards the prior and it searches again,
+    drafting only as deep as alpha^d stays above the cost."""
+    from branchwise.engine.stats import CostModel, StepStats
+    from branchwise.strategies import speculative, suffix
+    from branchwise.strategies.speculative import Acceptance
+    from branchwise.strategies.suffix import SuffixState
+
+    monkeypatch.setattr(speculative, "PLAIN_EVERY", 10**9)
+    strategy = LLM(tiny_llama).engine.strategy("suffix")
+    strategy.k = speculative.AdaptiveK("suffix", suffix.MAX_NODES)
+    searched = []
+    monkeypatch.setattr(suffix, "speculate", lambda *a: searched.append(1) or speculate(*a))
+    cost = CostModel()
+    for tokens in (8, 16, 32, 64):
+        cost.observe(tokens, 0.001 * tokens)
+    seq = type("S", (), {})  # a stand-in with what the suffix strategy reads
+    seq.token_ids = [1, 2, 3, 4, 5, 6, 7, 8] * 4 + [1, 2, 3]  # "4 5 6 ..." followed every earlier "1 2 3"
+    seq.num_tokens, seq.num_output_tokens, seq.strategy_params = len(seq.token_ids), 0, {}
+    seq.params = SamplingParams(temperature=0, max_tokens=100)
+
+    def drafted(step: int, accepted: float, rejected: float, seen: int) -> int:
+        strategy.begin_step(StepStats(step=step, goodput=300.0, per_token=cost.fit()[1]))
+        seq.strategy_state = SuffixState(evidence=Acceptance(accepted, rejected, seen))
+        return strategy.lookahead(seq)
+
+    assert drafted(2, accepted=40.0, rejected=1.0, seen=2) >= 8 and len(searched) == 1
+    assert strategy.k.threshold() == pytest.approx(0.3)  # a weighted node must be likelier than 0.3
+    assert drafted(3, accepted=0.0, rejected=20.0, seen=3) == 0 and len(searched) == 1
+    assert drafted(43, accepted=0.0, rejected=20.0, seen=3) >= 1 and len(searched) == 2
+    alpha = strategy.k.acceptance(seq.strategy_state.evidence)
+    assert 0.3 < alpha < 0.9
+    assert len(seq.strategy_state.draft.tokens) == max(d for d in range(1, 20) if alpha**d > 0.3)
+
+
+def test_a_steps_cost_counts_the_search_for_drafts_made_while_scheduling(tiny_llama, prompts, monkeypatch):
+    """Suffix and n-gram drafts are searched when the scheduler sizes each sequence's step: that host time
+    is part of what a drafting step costs the controller."""
+    llm = LLM(tiny_llama)
+    engine = llm.engine
+    strategy = engine.strategy("suffix")
+    lookahead = strategy.lookahead
+
+    def slow_lookahead(seq):
+        time.sleep(0.05)
+        return lookahead(seq)
+
+    monkeypatch.setattr(strategy, "lookahead", slow_lookahead)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("a", prompts[0], params, "suffix")
+    engine.step()  # the prefill
+    engine.step()
+    assert engine.stats.last_seconds >= 0.05

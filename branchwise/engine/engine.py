@@ -316,6 +316,7 @@ class LLMEngine:
         """One scheduling decision, one target forward, verification and commit; returns what changed."""
         self._updates = {}
         self._drain_inbox()
+        started = time.perf_counter()  # drafting's search in `lookahead` counts as the step's cost
         stats = self.stats
         stats.step = self.num_steps + 1
         stats.fixed, stats.per_token = self.step_cost.fit()
@@ -345,7 +346,7 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, None
         if scheduled:
             self.num_steps += 1
-            self._run(scheduled, previous)
+            self._run(scheduled, previous, started)
         else:
             self._resolve(previous)
         self._observe_load()
@@ -354,10 +355,10 @@ class LLMEngine:
             self._in_flight, self._launched = self._park(self._launched), None
         return updates
 
-    def _run(self, scheduled: list[tuple[Sequence, int]], previous: InFlight | None) -> None:
+    def _run(self, scheduled: list[tuple[Sequence, int]], previous: InFlight | None, started: float) -> None:
         """Propose, one forward, verify and commit; with async scheduling, the previous step's tokens are
-        read and committed once this step's forward (which feeds them) is launched."""
-        started = time.perf_counter()
+        read and committed once this step's forward (which feeds them) is launched. `started`: when the
+        step began, scheduling (and the drafts it sized) included."""
         decode: dict[str, list[tuple[Sequence, int]]] = defaultdict(list)
         plans: list[Plan] = []
         for seq, n in scheduled:

@@ -218,10 +218,14 @@ def _group(meta: AttentionMetadata, seqs: list[int], device: torch.device) -> _G
 def _groups(meta: AttentionMetadata, device: torch.device) -> list[_Group]:
     if "reference" not in meta.cache:
         qs = meta.query_start_host
-        short = [b for b in range(meta.num_seqs) if qs[b + 1] - qs[b] <= SHORT_QUERY]
-        long = [b for b in range(meta.num_seqs) if qs[b + 1] - qs[b] > SHORT_QUERY]
-        meta.cache["reference"] = [
-            _group(meta, seqs, device) for seqs in ([short] if short else []) + [[b] for b in long]
+        q_len = [qs[b + 1] - qs[b] for b in range(meta.num_seqs)]
+        # one-token queries apart from the few-token ones (drafts): padded in with them, each would cost
+        # as many query rows as the longest draft
+        single = [b for b, n in enumerate(q_len) if n == 1]
+        short = [b for b, n in enumerate(q_len) if 1 < n <= SHORT_QUERY]
+        long = [b for b, n in enumerate(q_len) if n > SHORT_QUERY]
+        meta.cache["reference"] = [_group(meta, seqs, device) for seqs in (single, short) if seqs] + [
+            _group(meta, [b], device) for b in long
         ]
     return meta.cache["reference"]
 
