@@ -403,13 +403,31 @@ def test_draft_strategy_needs_a_draft_model_of_the_same_vocabulary(tmp_path, tin
 
 
 def test_speculation_metrics_count_drafts_and_accepted_per_position(llm_truncated, prompts):
-    outputs(llm_truncated, prompts[:4], GREEDY, "draft", num_speculative_tokens=3)
-    text = generate_latest(llm_truncated.engine.metrics.registry).decode()
-    drafts = [
-        line for line in text.splitlines() if line.startswith("branchwise:spec_decode_num_drafts_total")
-    ]
-    assert any('strategy="draft"' in line and float(line.split()[-1]) > 0 for line in drafts)
-    assert "branchwise:spec_decode_num_accepted_tokens_per_pos_total" in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts(name: str) -> dict:
+        text = generate_latest(llm_truncated.engine.metrics.registry).decode()
+        return {
+            s.labels.get("position"): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name and s.labels.get("strategy") == "draft"
+        }
+
+    per_pos, accepted, drafts = (
+        "branchwise:spec_decode_num_accepted_tokens_per_pos_total",
+        "branchwise:spec_decode_num_accepted_tokens_total",
+        "branchwise:spec_decode_num_drafts_total",
+    )
+    before = {name: counts(name) for name in (per_pos, accepted, drafts)}
+    outs = outputs(llm_truncated, prompts[:4], GREEDY, "draft", num_speculative_tokens=3)
+    after = {name: counts(name) for name in (per_pos, accepted, drafts)}
+    grown = {n: {k: v - before[n].get(k, 0.0) for k, v in after[n].items()} for n in after}
+    assert grown[drafts][None] == sum(o.num_draft_steps for o in outs) > 0
+    assert grown[accepted][None] == sum(o.num_accepted for o in outs) > 0
+    by_pos = [grown[per_pos].get(str(pos), 0.0) for pos in range(3)]
+    assert sum(by_pos) == grown[accepted][None] and by_pos[0] >= by_pos[1] >= by_pos[2] and by_pos[1] > 0
+    assert set(grown[per_pos]) <= {"0", "1", "2"}
 
 
 def test_ngram_on_extraction_with_the_demo_model_accepts_more_than_two_tokens_per_step():

@@ -120,6 +120,7 @@ class LLMEngine:
         m = self.metrics
         self._load_gauges = [g.labels(self.model_name) for g in (m.running, m.waiting, m.kv_free, m.kv_usage)]
         self._last_load: tuple[int, int, int] | None = None  # what the gauges show
+        self._spec_children: dict[str, tuple] = {}  # strategy -> its speculation counters, looked up once
         self.decode = detokenizer.decoder_for(self.tokenizer)
         self.rust_tokenizer = detokenizer.rust_tokenizer(self.tokenizer)
         self._strategies: dict[str, Strategy] = {}
@@ -681,12 +682,25 @@ class LLMEngine:
         seq.num_draft_steps += 1
         seq.num_drafted += drafted
         seq.num_accepted += accepted
-        labels = (self.model_name, seq.strategy)
-        self.metrics.spec_drafts.labels(*labels).inc()
-        self.metrics.spec_draft_tokens.labels(*labels).inc(drafted)
-        self.metrics.spec_accepted.labels(*labels).inc(accepted)
+        children = self._spec_children.get(seq.strategy)
+        if children is None:
+            m, labels = self.metrics, (self.model_name, seq.strategy)
+            children = self._spec_children[seq.strategy] = (
+                m.spec_drafts.labels(*labels),
+                m.spec_draft_tokens.labels(*labels),
+                m.spec_accepted.labels(*labels),
+                [],  # per accepted position, grown on first use
+            )
+        drafts, draft_tokens, accepted_tokens, per_pos = children
+        drafts.inc()
+        draft_tokens.inc(drafted)
+        accepted_tokens.inc(accepted)
+        while len(per_pos) < accepted:
+            per_pos.append(
+                self.metrics.spec_accepted_per_pos.labels(self.model_name, seq.strategy, str(len(per_pos)))
+            )
         for pos in range(accepted):
-            self.metrics.spec_accepted_per_pos.labels(*labels, str(pos)).inc()
+            per_pos[pos].inc()
 
     def new_seq_id(self) -> int:
         return next(self._seq_ids)
