@@ -47,6 +47,13 @@ def test_offline_bench_reports_every_figure_with_its_spread(tiny_llama, tmp_path
         assert spread["min"] <= r["tokens_per_s"] == spread["p50"] <= spread["max"]
         assert r["latency_s"]["p99"] >= r["latency_s"]["p50"] > 0 and 0 < r["ttft_s"]["p50"]
         assert r["speedup_vs_ar"] > 0 and r["speedup_vs_generate"] > 0
+        ar = next(
+            x
+            for x in saved["rows"]
+            if (x["batch"], x["strategy"], x["constrained"]) == (r["batch"], "ar", r["constrained"])
+        )
+        paired = sorted(x / y for x, y in zip(r["rounds"], ar["rounds"], strict=True))
+        assert len(paired) == 2 and r["speedup_vs_ar_paired"] == pytest.approx(sum(paired) / 2)
         assert r["same_tokens_as_ar"]  # lossless: ngram's tokens are ar's, and so are ar-async's
         if r["constrained"]:
             assert r["forced_tokens"] > 0
