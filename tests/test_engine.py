@@ -333,3 +333,43 @@ def test_shallow_copy_of_strategy_state_matches_copy_copy_and_honours_custom_cop
     slotted = _shallow_copy(Slotted())
     assert type(slotted) is Slotted and slotted.rows == [1]
     assert _shallow_copy(None) is None
+
+
+def test_inter_token_latency_observed_a_step_at_a_time_exports_what_a_histogram_would(tiny_llama, prompts):
+    """The engine observes a step's inter-token latencies at once (`StepHistogram`); a scrape shows the
+    buckets, count and sum that prometheus_client's own Histogram gives the same values one by one, and
+    the count is one per token chunk after each sequence's first."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from branchwise.engine.metrics import LATENCY_BUCKETS, StepHistogram
+
+    def samples(registry) -> dict:
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, s.labels.get("le")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    rng = random.Random(0)
+    values = [rng.choice(LATENCY_BUCKETS) for _ in range(200)] + [rng.uniform(0, 100) for _ in range(200)]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    step_histogram = StepHistogram("t:itl", "help", "m", LATENCY_BUCKETS)
+    ours.register(step_histogram)
+    histogram = Histogram("t:itl", "help", ["model_name"], buckets=LATENCY_BUCKETS, registry=theirs)
+    for v in values:  # values exactly at a bound included: Prometheus' `le` counts them in
+        histogram.labels("m").observe(v)
+    for at in range(0, len(values), 32):
+        step_histogram.observe_many(values[at : at + 32])
+    got, want = samples(ours), samples(theirs)
+    assert got.keys() == want.keys() and len(got) == len(LATENCY_BUCKETS) + 3
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
+
+    llm = LLM(tiny_llama)
+    max_tokens = 6
+    llm.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    count = samples(llm.engine.metrics.registry)[("branchwise:inter_token_latency_seconds_count", None)]
+    assert count == 3 * (max_tokens - 1)

@@ -116,7 +116,7 @@ class LLMEngine:
         self.metrics.kv_total.labels(self.model_name).set(self.num_blocks)
         # the children counted at every token, looked up once (a `labels()` call takes a lock)
         self._generation_tokens = self.metrics.generation_tokens.labels(self.model_name)
-        self._itl = self.metrics.itl.labels(self.model_name)
+        self._itl: list[float] = []  # this step's inter-token latencies, observed at its end
         m = self.metrics
         self._load_gauges = [g.labels(self.model_name) for g in (m.running, m.waiting, m.kv_free, m.kv_usage)]
         self._last_load: tuple[int, int, int] | None = None  # what the gauges show
@@ -569,7 +569,7 @@ class LLMEngine:
             if seq.index == 0:
                 self.metrics.prompt_tokens.labels(self.model_name).inc(seq.num_prompt_tokens)
         else:
-            self._itl.observe(now - seq.last_token_time)
+            self._itl.append(now - seq.last_token_time)
         seq.last_token_time = now
 
     # -- async scheduling -------------------------------------------------------------------------
@@ -794,6 +794,9 @@ class LLMEngine:
         if self._num_generated:
             self._generation_tokens.inc(self._num_generated)
             self._num_generated = 0
+        if self._itl:
+            self.metrics.itl.observe_many(self._itl)
+            self._itl = []
         out = []
         for seq, u in self._updates.values():
             u.num_output_tokens, u.num_cached_prompt, u.num_forced = (

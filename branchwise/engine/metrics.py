@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 
 LATENCY_BUCKETS = (
     0.001,
@@ -54,13 +58,13 @@ class EngineMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.itl = Histogram(
+        self.itl = StepHistogram(
             "branchwise:inter_token_latency_seconds",
             "Time between a sequence's token chunks",
-            m,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            model_name,
+            LATENCY_BUCKETS,
         )
+        r.register(self.itl)
         self.e2e = Histogram(
             "branchwise:e2e_request_latency_seconds",
             "Request latency end to end",
@@ -124,3 +128,31 @@ class EngineMetrics:
             "branchwise:prefix_cache_hits", "Prompt tokens found in the prefix cache", m, registry=r
         )
         self.model_name = model_name
+
+
+class StepHistogram:
+    """A histogram of one model's values observed a step at a time (`observe_many`: one numpy call), exported
+    through prometheus_client's collector interface as a `Histogram` would be. A locked `Histogram.observe`
+    per sequence per step took about 2 us each: a tenth of a batch-32 step's host work."""
+
+    def __init__(self, name: str, documentation: str, model_name: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation, self.model_name = name, documentation, model_name
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+        self.lock = threading.Lock()  # a scrape runs on the server's thread
+
+    def observe_many(self, values: list[float]) -> None:
+        # value <= bound counts in that bound's bucket (Prometheus' `le`)
+        found = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.counts))
+        with self.lock:
+            self.counts += found
+            self.sum += float(sum(values))
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        with self.lock:
+            cumulative, total = np.cumsum(self.counts).tolist(), self.sum
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["model_name"])
+        les = [repr(float(b)) for b in self.bounds] + ["+Inf"]
+        family.add_metric([self.model_name], list(zip(les, cumulative, strict=True)), total)
+        return [family]
