@@ -160,7 +160,6 @@ def test_a_sequence_whose_suffix_drafts_keep_failing_is_not_searched_until_its_e
     drafting only as deep as alpha^d stays above the cost."""
     from branchwise.engine.stats import CostModel, StepStats
     from branchwise.strategies import speculative, suffix
-    from branchwise.strategies.speculative import Acceptance
     from branchwise.strategies.suffix import SuffixState
 
     monkeypatch.setattr(speculative, "PLAIN_EVERY", 10**9)
@@ -178,14 +177,14 @@ def test_a_sequence_whose_suffix_drafts_keep_failing_is_not_searched_until_its_e
 
     def drafted(step: int, accepted: float, rejected: float, seen: int) -> int:
         strategy.begin_step(StepStats(step=step, goodput=300.0, per_token=cost.fit()[1]))
-        seq.strategy_state = SuffixState(evidence=Acceptance(accepted, rejected, seen))
+        seq.strategy_state = SuffixState(accepted=accepted, rejected=rejected, step=seen)
         return strategy.lookahead(seq)
 
     assert drafted(2, accepted=40.0, rejected=1.0, seen=2) >= 8 and len(searched) == 1
     assert strategy.k.threshold() == pytest.approx(0.3)  # a weighted node must be likelier than 0.3
     assert drafted(3, accepted=0.0, rejected=20.0, seen=3) == 0 and len(searched) == 1
     assert drafted(43, accepted=0.0, rejected=20.0, seen=3) >= 1 and len(searched) == 2
-    alpha = strategy.k.acceptance(seq.strategy_state.evidence)
+    alpha = strategy.k.acceptance(seq.strategy_state)
     assert 0.3 < alpha < 0.9
     assert len(seq.strategy_state.draft.tokens) == max(d for d in range(1, 20) if alpha**d > 0.3)
 

@@ -243,11 +243,10 @@ def speculate(
 
 
 @dataclass
-class SuffixState:
+class SuffixState(Acceptance):  # the evidence of its drafts' tokens (alpha), as the chain drafters keep it
     prompt: Prompt = field(default_factory=Prompt)
     draft: Draft | None = None
     draft_key: tuple[int, int] = (-1, -1)  # (step, tokens) the draft was made for
-    evidence: Acceptance = field(default_factory=Acceptance)  # of its drafts' tokens (alpha)
     depth: int = 0  # of the deepest node fed this step
 
 
@@ -301,7 +300,7 @@ class SuffixStrategy(Strategy):
             room = min(left - 1, self.ctx.max_model_len - seq.num_tokens - 1)
             alpha, cost_floor = 1.0, 0.0
             if not fixed and not self.k.plain:  # the cost rule: a node must be likelier than its cost
-                alpha, cost_floor = self.k.acceptance(st.evidence), self.k.threshold()
+                alpha, cost_floor = self.k.acceptance(st), self.k.threshold()
             params["num_speculative_tokens"] = min(params["num_speculative_tokens"], room)
             # no node can pass (one is at most alpha likely): no search, the step costs what `ar`'s does
             if params["num_speculative_tokens"] <= 0 or cost_floor > alpha or (self.k.plain and not fixed):
@@ -356,7 +355,7 @@ class SuffixStrategy(Strategy):
         for p, v in zip(plans, verdicts, strict=True):
             if p.drafts and v is not None:
                 st = p.seq.strategy_state
-                self.k.observe(st.evidence, st.depth, min(len(v.tokens) - 1, st.depth))
+                self.k.observe(st, st.depth, min(len(v.tokens) - 1, st.depth))
         return verdicts
 
     def on_finish(self, seq: Sequence) -> None:
