@@ -336,9 +336,10 @@ def test_shallow_copy_of_strategy_state_matches_copy_copy_and_honours_custom_cop
 
 
 def test_inter_token_latency_observed_a_step_at_a_time_exports_what_a_histogram_would(tiny_llama, prompts):
-    """The engine observes a step's inter-token latencies at once (`StepHistogram`); a scrape shows the
-    buckets, count and sum that prometheus_client's own Histogram gives the same values one by one, and
-    the count is one per token chunk after each sequence's first."""
+    """The engine observes a step's inter-token latencies at once (`StepHistogram`: bucketed a few thousand
+    at a time and at a scrape); a scrape shows the buckets, count and sum that prometheus_client's own
+    Histogram gives the same values one by one, and the count is one per token chunk after each
+    sequence's first."""
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -357,12 +358,14 @@ def test_inter_token_latency_observed_a_step_at_a_time_exports_what_a_histogram_
     values = [rng.choice(LATENCY_BUCKETS) for _ in range(200)] + [rng.uniform(0, 100) for _ in range(200)]
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     step_histogram = StepHistogram("t:itl", "help", "m", LATENCY_BUCKETS)
+    step_histogram.FLUSH_AT = 100  # counted at 128, 256 and 384 values, the rest at the scrape
     ours.register(step_histogram)
     histogram = Histogram("t:itl", "help", ["model_name"], buckets=LATENCY_BUCKETS, registry=theirs)
     for v in values:  # values exactly at a bound included: Prometheus' `le` counts them in
         histogram.labels("m").observe(v)
     for at in range(0, len(values), 32):
         step_histogram.observe_many(values[at : at + 32])
+    assert len(step_histogram.pending) == len(values) - 384
     got, want = samples(ours), samples(theirs)
     assert got.keys() == want.keys() and len(got) == len(LATENCY_BUCKETS) + 3
     for key, value in want.items():

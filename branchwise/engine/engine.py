@@ -27,7 +27,15 @@ from branchwise.engine.plan import ForwardOutput, Plan, Verdict
 from branchwise.engine.prefix_cache import PrefixCache
 from branchwise.engine.sampler import logprobs_of, next_tokens
 from branchwise.engine.scheduler import Scheduler, family_of
-from branchwise.engine.sequence import InvalidRequest, SamplingParams, Sequence, SeqUpdate, Status
+from branchwise.engine.sequence import (
+    FINISHED,
+    RUNNING,
+    InvalidRequest,
+    SamplingParams,
+    Sequence,
+    SeqUpdate,
+    Status,
+)
 from branchwise.engine.stats import CostModel, StepStats, smoothed
 from branchwise.models import demo
 from branchwise.models.loader import kv_shape, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -326,12 +334,16 @@ class LLMEngine:
         for strategy in set(self._strategies.values()):
             strategy.begin_step(stats)
         broken: list[tuple[Sequence, Exception]] = []
+        # every running sequence's strategy exists (made at admission); a copy: another thread may add one
+        drafting = {
+            n: s for n, s in dict(self._strategies).items() if type(s).lookahead is not Strategy.lookahead
+        }
 
         def lookahead(seq: Sequence) -> int:
+            strategy = drafting.get(seq.strategy)
+            if strategy is None:  # drafts nothing (plain decoding)
+                return 0
             try:
-                strategy = self.strategy(seq.strategy)
-                if type(strategy).lookahead is Strategy.lookahead:  # drafts nothing (plain decoding)
-                    return 0
                 return strategy.lookahead(seq) if self._decodes(seq) else 0
             except Exception as e:  # this sequence's strategy failed on it: it alone ends, below
                 broken.append((seq, e))
@@ -343,7 +355,7 @@ class LLMEngine:
         while self.scheduler.hopeless:
             seq = self.scheduler.hopeless.pop()
             self._finish(seq, "error", "the parallel paths need more KV blocks than the whole cache holds")
-        scheduled = [(seq, n) for seq, n in scheduled if not seq.finished]
+        scheduled = [(seq, n) for seq, n in scheduled if seq.status is not FINISHED]
         previous, self._in_flight = self._in_flight, None
         if scheduled:
             self.num_steps += 1
@@ -363,7 +375,8 @@ class LLMEngine:
         decode: dict[str, list[tuple[Sequence, int]]] = defaultdict(list)
         plans: list[Plan] = []
         for seq, n in scheduled:
-            if self._decodes(seq) and n >= seq.num_pending:
+            pending = len(seq.token_ids) - seq.num_computed  # (per sequence and step: no property calls)
+            if n >= pending and (pending == 1 or self._decodes(seq)):
                 decode[seq.strategy].append((seq, n))
             else:
                 plans.append(self._prefill_plan(seq, n))
@@ -376,7 +389,7 @@ class LLMEngine:
 
             proposed = self._isolated(seqs, propose)
             plans += [p for p in proposed if p is not None]
-        plans = [p for p in plans if not p.seq.finished]
+        plans = [p for p in plans if p.seq.status is not FINISHED]
         if not plans:
             self._resolve(previous)
             return
@@ -408,7 +421,7 @@ class LLMEngine:
             self._isolated([p.seq for p in group], on_forward)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(plans):
-            if p.seq.finished or i in deferred:
+            if p.seq.status is FINISHED or i in deferred:
                 continue
             if p.num_logits > p.prompt_rows:
                 groups[p.seq.strategy].append(i)
@@ -480,8 +493,8 @@ class LLMEngine:
         call raises fail (their result is None), the others get exactly what they would have alone."""
         saved = [
             (
-                None if s.params.greedy else s.generator.get_state(),
-                _shallow_copy(s.strategy_state),
+                s.generator.get_state() if s.params.temperature else None,  # greedy draws nothing
+                None if s.strategy_state is None else _shallow_copy(s.strategy_state),
             )
             for s in seqs
         ]
@@ -529,7 +542,7 @@ class LLMEngine:
         """Keep the accepted K/V (compacting a tree path), append the new tokens, check stops; then the
         strategy's `on_commit` (None: the base class's no-op)."""
         seq = plan.seq
-        if seq.finished:  # ended earlier in this step (a Multiverse path whose request ended)
+        if seq.status is FINISHED:  # ended earlier in this step (a Multiverse path whose request ended)
             return
         keep = verdict.kv_keep
         if keep and keep[-1] != len(keep) - 1:  # increasing offsets: not a prefix of the fed tokens
@@ -538,27 +551,28 @@ class LLMEngine:
                 torch.tensor([src[k] for k in keep], device=self.device),
                 torch.tensor(src[: len(keep)], device=self.device),
             )
-        drafted = len(plan.tokens) - (seq.num_tokens - plan.start)
+        drafted = len(plan.tokens) - (len(seq.token_ids) - plan.start)
         seq.num_computed = plan.start + len(keep)
         if drafted > 0:
             self._count_speculation(seq, drafted, len(verdict.tokens) - 1)
-        hidden = seq.hidden
+        hidden = seq.parent is not None  # (seq.hidden: this runs per sequence per step)
         if not hidden:  # no latency metrics, no logprobs of its own
             self._observe_latency(seq, now)
+        logprobs = seq.params.logprobs is not None and not hidden
         for token, row in zip(verdict.tokens, verdict.logit_rows, strict=True):
             self._append(seq, token)
-            if seq.params.logprobs is not None and not hidden:
+            if logprobs:
                 logprob_rows.append((seq, token, row))
-            if seq.finished or (seq.matcher is not None and not self._consume(seq, token)):
+            if seq.status is FINISHED or (seq.matcher is not None and not self._consume(seq, token)):
                 break
-        if not seq.finished:
+        if seq.status is not FINISHED:
             self.blocks.truncate(seq, seq.num_computed)
             self._cache(seq)
             if on_commit is not None:
                 on_commit(seq)
         # the strategy sees its sampled tokens first (it may pause the sequence); in a hidden sequence,
         # what comes next is the strategy's to decide
-        if seq.matcher is not None and seq.status is Status.RUNNING and not hidden:
+        if seq.matcher is not None and seq.status is RUNNING and not hidden:
             self._jump_forward(seq)
 
     def _observe_latency(self, seq: Sequence, now: float) -> None:
@@ -717,14 +731,15 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         self._num_generated += 1
-        if seq.hidden:  # its text reaches the client through its parent, if at all
-            if token in self.stop_token_ids(seq) or seq.num_tokens >= self.max_model_len:
+        stop_ids = seq.stop_ids if seq.stop_ids is not None else self.stop_token_ids(seq)
+        if seq.parent is not None:  # hidden: its text reaches the client through its parent, if at all
+            if token in stop_ids or seq.num_tokens >= self.max_model_len:
                 self._finish(seq, "stop" if seq.num_tokens < self.max_model_len else "length")
             return
         update = self._update(seq)
         update.token_ids.append(token)
         params = seq.params
-        stopped = token in self.stop_token_ids(seq)
+        stopped = token in stop_ids
         # a stop token's own text is not output (vLLM's rule), also when special tokens are kept; a text
         # wanted only at the end is decoded once, in `_finish`
         text = (
@@ -732,7 +747,8 @@ class LLMEngine:
             if seq.text_at_end or (stopped and not params.include_stop_str_in_output)
             else detokenizer.detokenize_step(self.decode, seq, self.rust_tokenizer)
         )
-        seq.output_text += text
+        if text:
+            seq.output_text += text
         if stopped:
             self._finish(seq, "stop")
         elif params.stop and (at := detokenizer.find_stop(seq, len(text))) is not None:

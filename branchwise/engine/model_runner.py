@@ -41,6 +41,7 @@ class Packed:
     masks: list[torch.Tensor | None]
     logit_idx: np.ndarray  # (R,) rows whose logits are wanted
     logits_start: np.ndarray  # (B,) each plan's first row among them
+    decode: bool = False  # one token per plan, no masks (`_pack_decode`'s)
 
     @property
     def max_query_len(self) -> int:
@@ -110,6 +111,7 @@ def _pack_decode(plans: list[Plan], block_size: int) -> Packed:
         masks=[p.mask for p in plans],
         logit_idx=index,
         logits_start=index,
+        decode=all(p.mask is None for p in plans),
     )
 
 
@@ -120,7 +122,7 @@ def to_device(
     meta = build_metadata(
         packed.slots,
         packed.positions,
-        np.diff(packed.query_start),
+        None if packed.decode else np.diff(packed.query_start),
         packed.seq_lens,
         torch.from_numpy(packed.tables),
         packed.masks,

@@ -146,7 +146,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             room = self.max_model_len - seq.num_computed
-            want = min(budget, room, seq.num_pending + lookahead(seq))
+            want = min(
+                budget, room, len(seq.token_ids) - seq.num_computed + lookahead(seq)
+            )  # pending + drafts
             if not self.blocks.blocks_needed(seq, seq.num_computed + want):  # most decode steps
                 scheduled.append((seq, want))
                 budget -= want

@@ -123,7 +123,13 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Logits pass through `sampler.apply_penalties` (bias, penalties, min_tokens) before sampling."""
-        return bool(self.logit_bias or self.min_tokens or self.has_penalties)
+        return bool(
+            self.logit_bias
+            or self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )  # has_penalties spelled out: read per sequence per step, and a property call costs more
 
 
 class Status(enum.Enum):
@@ -131,6 +137,11 @@ class Status(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"  # waiting for its Multiverse paths to merge back, holding its blocks
     FINISHED = "finished"
+
+
+# the members as module constants: in Python 3.11 a member lookup on an Enum class costs 4x a global's,
+# and hot paths check a status per sequence per step
+RUNNING, FINISHED = Status.RUNNING, Status.FINISHED
 
 
 @dataclass
@@ -199,7 +210,7 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.status is Status.FINISHED
+        return self.status is FINISHED
 
     @property
     def hidden(self) -> bool:

@@ -52,7 +52,7 @@ class AttentionMetadata:
 def build_metadata(
     slot_mapping: list[int] | np.ndarray | torch.Tensor,
     positions: list[int] | np.ndarray | torch.Tensor,
-    query_lens: list[int] | np.ndarray,
+    query_lens: list[int] | np.ndarray | None,
     seq_lens: list[int] | np.ndarray,
     block_tables: torch.Tensor,
     masks: list[torch.Tensor | None],
@@ -60,9 +60,9 @@ def build_metadata(
     device: torch.device | str,
 ) -> AttentionMetadata:
     """Pack per-sequence lists into tensors (one host-to-device copy each); block_tables is (B, W) padded.
-    Host arrays become tensors without a copy, and on the CPU they are the tensors (every step pays this)."""
+    Host arrays become tensors without a copy, and on the CPU they are the tensors (every step pays this).
+    query_lens None: one token per sequence and no masks (a decode step, known to its packer)."""
     device = torch.device(device)
-    query_lens = np.asarray(query_lens, dtype=np.int64)
     cpu = device.type == "cpu"
 
     def tensor(x, dtype: torch.dtype) -> torch.Tensor:
@@ -72,8 +72,11 @@ def build_metadata(
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=NUMPY_INT[dtype]))
         return t if cpu else t.to(device, non_blocking=True)
 
-    B = len(query_lens)
-    if (query_lens == 1).all() and all(m is None for m in masks):  # decode-shaped
+    B = len(seq_lens)
+    if query_lens is not None:
+        query_lens = np.asarray(query_lens, dtype=np.int64)
+    if query_lens is None or ((query_lens == 1).all() and all(m is None for m in masks)):  # decode-shaped
+        max_query_len = 1
         query_start_host, offsets = list(range(B + 1)), [-1] * B
         query_start, mask_offsets, custom, token_seqs, token_index = _decode_constants(B, device)
     else:
@@ -90,12 +93,14 @@ def build_metadata(
                 used += n * n
         custom = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.bool)
         custom = custom if cpu else custom.to(device, non_blocking=True)
+        max_query_len = int(query_lens.max(initial=0))
         total = int(query_start_np[-1])
         query_start_host = query_start_np.tolist()
         query_start, mask_offsets = tensor(query_start_np, torch.int32), tensor(offsets, torch.int32)
         token_seqs = tensor(np.repeat(np.arange(B, dtype=np.int32), query_lens), torch.int32)
         token_index = tensor(np.arange(total, dtype=np.int32), torch.int32)
     seq_lens = np.asarray(seq_lens)
+    seq_lens_host = seq_lens.tolist()
     return AttentionMetadata(
         slot_mapping=tensor(slot_mapping, torch.int64),
         positions=tensor(positions, torch.int64),
@@ -107,10 +112,10 @@ def build_metadata(
         token_seqs=token_seqs,
         token_index=token_index,
         block_size=block_size,
-        max_query_len=int(query_lens.max(initial=0)),
-        max_seq_len=int(seq_lens.max(initial=0)),
+        max_query_len=max_query_len,
+        max_seq_len=max(seq_lens_host, default=0),
         query_start_host=query_start_host,
-        seq_lens_host=seq_lens.tolist(),
+        seq_lens_host=seq_lens_host,
         mask_offsets_host=offsets,
         backend=kernels.backend(device),
     )

@@ -74,9 +74,8 @@ class _Group:
                     self.query_pos, self.key_pos = self.make_positions()
                 # real rows always keep their own key; padded rows may go empty (NaN), and are discarded
                 mask = mask & ((self.query_pos - self.key_pos) < sliding_window)[:, None]
-            self.windowed[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-                ~mask, float("-inf")
-            )
+            self.windowed[key] = torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device)
+            self.windowed[key].masked_fill_(mask, 0.0)
         return self.windowed[key]
 
 
@@ -87,9 +86,12 @@ def _host_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
     qs, seq_len = np.asarray(meta.query_start_host), np.asarray(meta.seq_lens_host)
     start, q_len, tables = qs[:-1], np.diff(qs), meta.block_tables.numpy()
     every = len(seqs) == meta.num_seqs  # seqs are in order: all of them is every sequence, as fed
-    if not every:
+    if every:
+        Q, S = meta.max_query_len, meta.max_seq_len
+    else:
         start, q_len, seq_len, tables = start[seqs], q_len[seqs], seq_len[seqs], tables[seqs]
-    G, Q, S, bs = len(seqs), int(q_len.max()), int(seq_len.max()), meta.block_size
+        Q, S = int(q_len.max()), int(seq_len.max())
+    G, bs = len(seqs), meta.block_size
     num_blocks = -(-S // bs)
     if num_blocks <= tables.shape[1]:
         kv_blocks = tables[:, :num_blocks].astype(np.int64)
@@ -106,13 +108,16 @@ def _host_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
     in_order = every and Q == 1
 
     j = np.arange(S)
-    rel = j[None, :] - (seq_len - q_len)[:, None]  # (G, S) key index among the new tokens
+
+    def key_index() -> np.ndarray:
+        """(G, S) each key's index among the sequence's new tokens (made on use: G x S values)."""
+        return j[None, :] - (seq_len - q_len)[:, None]
 
     def make_mask() -> torch.Tensor:
         """(G, 1, Q, S): every cached key, and the new ones causally or by the sequence's own mask."""
         if Q == 1:
             return torch.from_numpy((j[None, :] < seq_len[:, None])[:, None, None])
-        new = rel[:, None, :]  # (G, 1, S)
+        new = key_index()[:, None, :]  # (G, 1, S)
         mask = (new < 0) | (new <= i[None, :, None]) & (j < seq_len[:, None])[:, None, :]  # (G, Q, S)
         custom = meta.custom_mask.numpy()
         for g, b in enumerate(seqs):
@@ -127,6 +132,7 @@ def _host_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
     def make_positions() -> tuple[torch.Tensor, torch.Tensor]:
         """(G, Q, 1) query and (G, 1, S) key positions (cached keys: their index)."""
         positions = meta.positions.numpy()
+        rel = key_index()
         new = (rel >= 0) & (rel < q_len[:, None])  # keys written this step
         new_idx = np.minimum(start[:, None] + np.maximum(rel, 0), len(positions) - 1)
         key_pos = np.where(new, positions[new_idx], j[None, :])
