@@ -150,3 +150,43 @@ def test_isolated_paths_in_one_sequence_equal_separate_sequences(tiny_llama, pro
     assert torch.allclose(joint[:3], ref_a, atol=1e-4)
     assert torch.allclose(joint[3:], ref_b, atol=1e-4)
     engine.blocks.free(seq)
+
+
+def test_a_decode_steps_short_path_packs_what_the_general_path_packs():
+    """`pack` and `build_metadata` take a short path when every plan feeds one token (no query lengths are
+    checked there); a plan with explicit positions takes the general one. Both give the same arrays."""
+    import dataclasses
+
+    import numpy as np
+
+    from branchwise.engine.model_runner import pack, to_device
+    from branchwise.engine.sequence import Sequence
+
+    bs, cpu = 4, torch.device("cpu")
+    seqs = []
+    for b, (length, table) in enumerate([(5, [3, 7]), (9, [1, 2, 8]), (2, [5]), (12, [4, 6, 9])]):
+        seq = Sequence(b, str(b), 0, list(range(10, 10 + length)), 1, SamplingParams(), "ar", None)
+        seq.num_computed, seq.block_table = length - 1, table
+        seqs.append(seq)
+    short = pack([Plan(s, s.token_ids[-1:]) for s in seqs], bs)
+    general = pack([Plan(s, s.token_ids[-1:], positions=[s.num_computed]) for s in seqs], bs)
+    assert short.decode and not general.decode
+    for f in dataclasses.fields(short):
+        if f.name not in ("masks", "decode"):
+            assert np.array_equal(getattr(short, f.name), getattr(general, f.name)), f.name
+    (ids_short, meta_short), (ids_general, meta_general) = (
+        to_device(short, bs, cpu),
+        to_device(general, bs, cpu),
+    )
+    assert torch.equal(ids_short, ids_general)
+    assert meta_short.max_query_len == 1 and meta_short.query_start_host == [0, 1, 2, 3, 4]
+    assert meta_short.seq_lens_host == [5, 9, 2, 12] and meta_short.max_seq_len == 12
+    assert meta_short.slot_mapping.tolist() == [
+        7 * 4 + 0,
+        8 * 4 + 0,
+        5 * 4 + 1,
+        9 * 4 + 3,
+    ]  # block * bs + offset
+    for f in dataclasses.fields(meta_short):
+        a, b = getattr(meta_short, f.name), getattr(meta_general, f.name)
+        assert torch.equal(a, b.to(a.dtype)) if isinstance(a, torch.Tensor) else a == b, f.name

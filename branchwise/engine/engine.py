@@ -394,7 +394,7 @@ class LLMEngine:
             self._resolve(previous)
             return
         forward_started = time.perf_counter()
-        num_fed = sum(len(p.tokens) for p in plans)
+        num_fed = sum([len(p.tokens) for p in plans])
         try:
             out = self.runner.forward(plans, None if previous is None else previous.tokens)
         except Exception as e:
@@ -452,7 +452,7 @@ class LLMEngine:
         # verification read the logits on the host, so these times include the device's work
         ended = time.perf_counter()
         self.step_cost.observe(num_fed, ended - forward_started)
-        tokens = sum(len(u.token_ids) for _, u in self._updates.values())
+        tokens = sum([len(u.token_ids) for _, u in self._updates.values()])
         rate = tokens / max(ended - started, 1e-6)
         stats = self.stats
         stats.goodput = smoothed(stats.goodput, rate)
@@ -816,7 +816,7 @@ class LLMEngine:
         out = []
         for seq, u in self._updates.values():
             u.num_output_tokens, u.num_cached_prompt, u.num_forced = (
-                seq.num_output_tokens,
+                len(seq.token_ids) - seq.num_prompt_tokens,  # num_output_tokens, without a property call
                 seq.num_cached_prompt,
                 seq.num_forced,
             )

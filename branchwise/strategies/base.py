@@ -71,7 +71,7 @@ class Strategy:
 
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[Plan]:
         """One Plan per decode-ready sequence, in order; budgets[i] caps how many tokens seqs[i] may feed."""
-        return [Plan(s, s.token_ids[s.num_computed :]) for s in seqs]
+        return [Plan(s, s.token_ids[s.num_computed :], start=s.num_computed) for s in seqs]
 
     def verify(self, plans: list[Plan], out: ForwardOutput) -> list[Verdict]:
         """One Verdict per plan: chain verification (accept a prefix of the drafts, then sample one)."""
