@@ -146,9 +146,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             room = self.max_model_len - seq.num_computed
-            want = min(
-                budget, room, len(seq.token_ids) - seq.num_computed + lookahead(seq)
-            )  # pending + drafts
+            pending = len(seq.token_ids) - seq.num_computed  # (not the property: per sequence and step)
+            want = min(budget, room, pending + lookahead(seq))
             if not self.blocks.blocks_needed(seq, seq.num_computed + want):  # most decode steps
                 scheduled.append((seq, want))
                 budget -= want
