@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -93,8 +94,9 @@ def _pack_decode(plans: list[Plan], block_size: int) -> Packed:
     index = np.arange(B)
     starts = np.fromiter((p.start for p in plans), np.int64, B)
     widths = [len(p.seq.block_table) for p in plans]
-    if min(widths) == max(widths):  # one call (sequences that started together grow together)
-        tables = np.array([p.seq.block_table for p in plans], dtype=np.int64)
+    if min(widths) == max(widths):  # one flat read (sequences that started together grow together)
+        flat = itertools.chain.from_iterable([p.seq.block_table for p in plans])
+        tables = np.fromiter(flat, np.int64, B * widths[0]).reshape(B, widths[0])
     else:
         tables = np.zeros((B, max(widths)), dtype=np.int64)
         for b, p in enumerate(plans):

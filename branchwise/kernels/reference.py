@@ -83,7 +83,7 @@ def _host_group(meta: AttentionMetadata, seqs: list[int]) -> _Group:
     """`_group` on the CPU, built with numpy on the host arrays: a step's gather indices cost a few numpy
     calls, not dozens of small tensor ops (every step pays them, a chain drafter at every depth). The mask
     and the positions a sliding window compares are made only if some layer needs them."""
-    qs, seq_len = np.asarray(meta.query_start_host), np.asarray(meta.seq_lens_host)
+    qs, seq_len = meta.query_start.numpy(), meta.seq_lens.numpy()  # CPU tensors: views, no list reads
     start, q_len, tables = qs[:-1], np.diff(qs), meta.block_tables.numpy()
     every = len(seqs) == meta.num_seqs  # seqs are in order: all of them is every sequence, as fed
     if every:
